@@ -1,0 +1,282 @@
+"""Speed, size and memory of the four variants against MONAI's ``VoxelMorph``, measured in one run.
+
+``python -m custom.benchmark --spatial-dims 2`` prints a markdown table: parameters, multiply-adds per pair,
+inference and full training step (network + warp + LNCC + smoothness + Adam) time per batch, peak memory,
+and each one's speed ratio to MONAI's ``VoxelMorph`` with the same channels (``integration_steps=0`` like our
+default; MONAI's out-of-the-box ``integration_steps=7`` is listed too). A second table times our
+``SpatialTransformer`` and ``LocalNCCLoss`` against MONAI's ``Warp`` and ``LocalNormalizedCrossCorrelationLoss``.
+
+Every row runs in its own process, so peak memory (resident-set growth on CPU,
+``torch.cuda.max_memory_allocated`` on GPU) belongs to that row alone. Timings are medians.
+"""
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import time
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from custom.io import atomic_write_text
+from custom.networks import VARIANTS, check_spatial_dims
+
+__all__ = ["benchmark", "build_pair_model", "machine_description", "main", "multiply_adds", "time_call"]
+
+DEFAULT_SHAPES = {2: (160, 192), 3: (160, 192, 224)}
+DEFAULT_BATCH = {2: 8, 3: 1}
+MONAI_ROWS = {"monai VoxelMorph (steps=0)": 0, "monai VoxelMorph (default, steps=7)": 7}
+
+
+def machine_description(device: str = "cpu") -> str:
+    """One line naming the processor or GPU, the thread count and the torch version."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        hw = torch.cuda.get_device_name(torch.device(device))
+    else:
+        hw = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                hw = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return f"{hw}, {torch.get_num_threads()} threads, torch {torch.__version__}, python {platform.python_version()}"
+
+
+def time_call(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median wall time of ``fn`` in seconds, after two warm-up calls."""
+    times = []
+    for i in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def multiply_adds(net: torch.nn.Module, x: torch.Tensor) -> int:
+    """Multiply-adds of one forward pass of ``net(x)`` (counted by ``torch.utils.flop_counter``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x)
+    return counter.get_total_flops() // 2
+
+
+def build_pair_model(name: str, spatial_dims: int):
+    """A ``(moving, fixed) -> (warped, ddf)`` model, its similarity and smoothness losses and its backbone.
+
+    Args:
+        name: a variant of :data:`custom.networks.VARIANTS` or a key of :data:`MONAI_ROWS`.
+        spatial_dims: 2 or 3.
+
+    Returns:
+        ``(model, similarity, smoothness, backbone)``; ``backbone`` maps the ``(B, 2, *S)`` pair to the field.
+    """
+    if name in VARIANTS:
+        from custom.losses import GradLoss, LocalNCCLoss
+        from custom.networks import VxmDense
+
+        model = VxmDense(spatial_dims, name)
+        return model, LocalNCCLoss(spatial_dims, 9), GradLoss("l2"), model.net
+    if name in MONAI_ROWS:
+        from monai.losses import DiffusionLoss, LocalNormalizedCrossCorrelationLoss
+        from monai.networks.nets import VoxelMorph, VoxelMorphUNet
+
+        backbone = VoxelMorphUNet(spatial_dims, 2, 32, (16, 32, 32, 32, 32, 32), (16, 16))
+        model = VoxelMorph(backbone, integration_steps=MONAI_ROWS[name], spatial_dims=spatial_dims)
+        return model, LocalNormalizedCrossCorrelationLoss(spatial_dims, 9), DiffusionLoss(), backbone
+    raise ValueError(f"unknown model {name!r}: expected one of {list(VARIANTS) + list(MONAI_ROWS)}.")
+
+
+def _peak_reset(device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_read(device: torch.device, start: int) -> float:
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated(device) - start) / 2**20
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start, 0) / 2**20
+
+
+def _measure_model(name: str, spatial_dims: int, shape: Sequence[int], batch: int, device: str, repeats: int):
+    warnings.filterwarnings("ignore")
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    model, sim, reg, backbone = build_pair_model(name, spatial_dims)
+    model, sim, reg = model.to(dev), sim.to(dev), reg.to(dev)
+    moving = torch.rand(batch, 1, *shape, device=dev)
+    fixed = torch.rand(batch, 1, *shape, device=dev)
+    params = sum(p.numel() for p in model.parameters())
+    macs = multiply_adds(backbone, torch.cat([moving[:1], fixed[:1]], 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def infer():
+        with torch.no_grad():
+            model(moving, fixed)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        warped, ddf = model(moving, fixed)
+        loss = sim(warped, fixed) + 0.01 * reg(ddf)
+        loss.backward()
+        opt.step()
+
+    start = _peak_reset(dev)
+    train_step()
+    peak = _peak_read(dev, start)
+    return {
+        "model": name,
+        "params": params,
+        "macs_per_pair": macs,
+        "infer_s": time_call(infer, repeats, dev),
+        "train_s": time_call(train_step, repeats, dev),
+        "peak_mb": peak,
+    }
+
+
+def _measure_blocks(spatial_dims: int, shape: Sequence[int], batch: int, device: str, repeats: int):
+    from monai.losses import LocalNormalizedCrossCorrelationLoss
+    from monai.networks.blocks import Warp
+
+    from custom.losses import LocalNCCLoss
+    from custom.warp import SpatialTransformer
+
+    warnings.filterwarnings("ignore")
+    dev = torch.device(device)
+    image = torch.rand(batch, 1, *shape, device=dev, requires_grad=True)
+    target = torch.rand(batch, 1, *shape, device=dev)
+    ddf = torch.randn(batch, spatial_dims, *shape, device=dev, requires_grad=True)
+    pairs = {
+        "warp (bilinear, zeros)": (SpatialTransformer().to(dev), Warp("bilinear", "zeros"), (image, ddf)),
+        "LNCC (kernel 9)": (
+            LocalNCCLoss(spatial_dims, 9).to(dev),
+            LocalNormalizedCrossCorrelationLoss(spatial_dims, 9).to(dev),
+            (image, target),
+        ),
+    }
+    rows = []
+    for name, (ours, theirs, args) in pairs.items():
+        t_ours = time_call(lambda m=ours, a=args: m(*a).sum().backward(), repeats, dev)
+        t_monai = time_call(lambda m=theirs, a=args: m(*a).sum().backward(), repeats, dev)
+        rows.append({"block": name, "ours_s": t_ours, "monai_s": t_monai})
+    return rows
+
+
+def _in_subprocess(fn, threads: int, *args):
+    torch.set_num_threads(threads)
+    return fn(*args)
+
+
+def benchmark(
+    spatial_dims: int = 2,
+    shape: Optional[Sequence[int]] = None,
+    batch_size: Optional[int] = None,
+    device: str = "cpu",
+    threads: int = 2,
+    repeats: int = 5,
+    variants: Sequence[str] = VARIANTS,
+) -> Dict[str, List[dict]]:
+    """Measure the variants and MONAI's VoxelMorph, each in a fresh process.
+
+    Args:
+        spatial_dims: 2 or 3.
+        shape: spatial shape; default 160x192 (2D) or 160x192x224 (3D).
+        batch_size: pairs per batch; default 8 (2D) or 1 (3D).
+        device: ``"cpu"`` or ``"cuda[:i]"``.
+        threads: CPU threads per process.
+        repeats: timed repetitions (median) after two warm-ups.
+        variants: which of our variants to include.
+
+    Returns:
+        ``{"models": [...], "blocks": [...]}``, rows of measurements (seconds, MiB).
+    """
+    spatial_dims = check_spatial_dims(spatial_dims)
+    shape = tuple(shape or DEFAULT_SHAPES[spatial_dims])
+    if len(shape) != spatial_dims:
+        raise ValueError(f"shape must have {spatial_dims} sizes for spatial_dims={spatial_dims}, got {list(shape)}.")
+    batch = batch_size or DEFAULT_BATCH[spatial_dims]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise ValueError(f"unknown variants {bad}: expected a subset of {list(VARIANTS)}.")
+    ctx = mp.get_context("spawn")
+    models = []
+    for name in list(variants) + list(MONAI_ROWS):
+        with ctx.Pool(1) as pool:
+            args = (_measure_model, threads, name, spatial_dims, shape, batch, device, repeats)
+            models.append(pool.apply(_in_subprocess, args))
+    with ctx.Pool(1) as pool:
+        blocks = pool.apply(_in_subprocess, (_measure_blocks, threads, spatial_dims, shape, batch, device, repeats))
+    return {"models": models, "blocks": blocks}
+
+
+def to_markdown(result: Dict[str, List[dict]], header: str) -> str:
+    """Render :func:`benchmark`'s result as markdown tables."""
+    peer = next(r for r in result["models"] if r["model"] == next(iter(MONAI_ROWS)))
+    lines = [
+        header,
+        "",
+        "| model | params | MACs/pair (G) | inference s/batch | train step s/batch | peak MiB "
+        "| inference speed-up | train speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["models"]:
+        lines.append(
+            f"| {r['model']} | {r['params']:,} | {r['macs_per_pair'] / 1e9:.2f} | {r['infer_s']:.4f} "
+            f"| {r['train_s']:.4f} | {r['peak_mb']:.0f} | {peer['infer_s'] / r['infer_s']:.2f}x "
+            f"| {peer['train_s'] / r['train_s']:.2f}x |"
+        )
+    lines += ["", "| block (forward + backward) | ours s | MONAI s | speed-up |", "|---|---:|---:|---:|"]
+    for b in result["blocks"]:
+        lines.append(f"| {b['block']} | {b['ours_s']:.4f} | {b['monai_s']:.4f} | {b['monai_s'] / b['ours_s']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    """Command-line entry: run :func:`benchmark`, print the table and optionally write it to a file."""
+    parser = argparse.ArgumentParser(prog="python -m custom.benchmark", description=__doc__.splitlines()[0])
+    parser.add_argument("--spatial-dims", type=int, default=2, choices=(2, 3))
+    parser.add_argument("--shape", type=int, nargs="+", default=None, help="spatial shape, e.g. 160 192")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
+    parser.add_argument("--output", default=None, help="also write the markdown table to this file")
+    args = parser.parse_args(argv)
+    result = benchmark(
+        args.spatial_dims,
+        args.shape,
+        args.batch_size,
+        args.device,
+        args.threads,
+        args.repeats,
+        [v for v in args.variants.split(",") if v],
+    )
+    shape = args.shape or DEFAULT_SHAPES[args.spatial_dims]
+    batch = args.batch_size or DEFAULT_BATCH[args.spatial_dims]
+    torch.set_num_threads(args.threads)
+    header = (
+        f"## {args.spatial_dims}D benchmark, {'x'.join(map(str, shape))}, batch {batch}, {args.device}\n\n"
+        f"Machine: {machine_description(args.device)}. Speed-ups are against {next(iter(MONAI_ROWS))}."
+    )
+    table = to_markdown(result, header)
+    print(table)
+    if args.output:
+        atomic_write_text(args.output, table)
+    return table
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    main()

@@ -1,0 +1,228 @@
+"""Registration losses: local NCC, MSE and displacement smoothness.
+
+All are ``nn.Module``s with MONAI's sign convention (lower is better) and a ``reduction`` argument
+(``"mean"``, ``"sum"`` or ``"none"``).
+"""
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from custom.networks import check_spatial_dims
+
+__all__ = ["LocalNCCLoss", "MSELoss", "GradLoss", "box_sum"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_reduction(reduction: str) -> str:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
+    return reduction
+
+
+def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return x.mean()
+    if reduction == "sum":
+        return x.sum()
+    return x
+
+
+def _check_pair(pred: torch.Tensor, target: torch.Tensor, spatial_dims: int) -> None:
+    if pred.dim() != spatial_dims + 2:
+        raise ValueError(
+            f"expected pred of shape (B, C, *spatial) with {spatial_dims} spatial dims, got {list(pred.shape)}."
+        )
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have the same shape, got {list(pred.shape)} and {list(target.shape)}.")
+
+
+def box_sum(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Separable, zero-padded ('same' size) filtering of every channel with the 1-D ``kernel`` on each axis.
+
+    With ``kernel = torch.ones(k)`` this is the sum over the ``k``-wide box around every voxel. One depthwise
+    conv per axis over all channels at once (faster on CPU than per-map filtering or pooling).
+
+    Args:
+        x: ``(B, C, H, W[, D])``.
+        kernel: ``(k,)`` with ``k`` odd.
+
+    Returns:
+        ``(B, C, H, W[, D])``.
+    """
+    nd = x.dim() - 2
+    conv = F.conv2d if nd == 2 else F.conv3d
+    c, k = x.shape[1], kernel.shape[0]
+    for axis in range(nd):
+        shape = [1] * nd
+        shape[axis] = k
+        padding = [0] * nd
+        padding[axis] = k // 2
+        weight = kernel.to(x).view([1, 1] + shape).expand([c, 1] + shape)
+        x = conv(x, weight, padding=padding, groups=c)
+    return x
+
+
+class LocalNCCLoss(nn.Module):
+    """Negative squared local normalised cross-correlation with a rectangular window.
+
+    Equal to ``monai.losses.LocalNormalizedCrossCorrelationLoss(kernel_type="rectangular")`` (and VoxelMorph's
+    NCC): in ``[-1, 0]``, ``-1`` for identical images. Faster because the five local sums are taken by one
+    separable box filter over stacked channels (:func:`box_sum`).
+
+    Args:
+        spatial_dims: 2 or 3.
+        kernel_size: odd window width (VoxelMorph uses 9).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (the voxel-wise map ``(B, C, H, W[, D])``).
+        smooth_nr: added to the numerator.
+        smooth_dr: lower bound of the local variances.
+
+    Raises:
+        ValueError: for a bad ``spatial_dims``, an even or non-positive ``kernel_size`` or a bad ``reduction``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        kernel_size: int = 9,
+        reduction: str = "mean",
+        smooth_nr: float = 0.0,
+        smooth_dr: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.spatial_dims = check_spatial_dims(spatial_dims)
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}.")
+        self.kernel_size = kernel_size
+        self.register_buffer("kernel", torch.ones(kernel_size), persistent=False)
+        self.reduction = _check_reduction(reduction)
+        self.smooth_nr = float(smooth_nr)
+        self.smooth_dr = float(smooth_dr)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Compute the loss.
+
+        Args:
+            pred: ``(B, C, H, W[, D])``, e.g. the warped moving image.
+            target: ``(B, C, H, W[, D])``, e.g. the fixed image.
+
+        Returns:
+            A scalar, or ``(B, C, H, W[, D])`` for ``reduction="none"``.
+        """
+        _check_pair(pred, target, self.spatial_dims)
+        c = pred.shape[1]
+        stacked = torch.cat([target, pred, target * target, pred * pred, target * pred], dim=1)
+        sums = box_sum(stacked, self.kernel)
+        t_sum, p_sum, t2_sum, p2_sum, tp_sum = torch.split(sums, c, dim=1)
+        n = float(self.kernel_size**self.spatial_dims)
+        t_avg, p_avg = t_sum / n, p_sum / n
+        cross = tp_sum - p_avg * t_sum
+        t_var = torch.clamp(t2_sum - t_avg * t_sum, min=self.smooth_dr)
+        p_var = torch.clamp(p2_sum - p_avg * p_sum, min=self.smooth_dr)
+        ncc = (cross * cross + self.smooth_nr) / (t_var * p_var)
+        return _reduce(ncc, self.reduction).neg()
+
+
+class MSELoss(nn.Module):
+    """Mean squared intensity difference.
+
+    Args:
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (the voxel-wise map).
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = _check_reduction(reduction)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Compute the loss.
+
+        Args:
+            pred: ``(B, C, H, W[, D])``.
+            target: same shape as ``pred``.
+
+        Returns:
+            A scalar, or ``(B, C, H, W[, D])`` for ``reduction="none"``.
+        """
+        if pred.shape != target.shape:
+            raise ValueError(
+                f"pred and target must have the same shape, got {list(pred.shape)} and {list(target.shape)}."
+            )
+        return _reduce((pred - target) ** 2, self.reduction)
+
+
+class GradLoss(nn.Module):
+    """Finite-difference smoothness penalty of a displacement field.
+
+    ``sum_d mean(|D_d u|^p)`` over the spatial axes ``d``, the mean taken over batch, components and voxels.
+
+    - ``differences="central"``, ``penalty="l2"``: ``D_d u = (u[i+1] - u[i-1]) / 2`` on the interior, which
+      is exactly ``monai.losses.DiffusionLoss`` (``mean`` and ``sum``).
+    - ``differences="forward"`` (default): ``D_d u = u[i+1] - u[i]`` as in VoxelMorph's ``Grad``. VoxelMorph
+      averages the axes instead of summing them, so its value is this one divided by ``spatial_dims``.
+
+    Args:
+        penalty: ``"l2"`` (squared differences) or ``"l1"`` (absolute differences).
+        differences: ``"forward"`` or ``"central"``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``. ``"none"`` gives one value per batch item, ``(B,)``,
+            whose mean is the ``"mean"`` reduction (forward differences along different axes have different
+            shapes, so there is no common voxel-wise map).
+
+    Raises:
+        ValueError: for an unknown ``penalty``, ``differences`` or ``reduction``.
+    """
+
+    def __init__(self, penalty: str = "l2", differences: str = "forward", reduction: str = "mean") -> None:
+        super().__init__()
+        if penalty not in ("l1", "l2"):
+            raise ValueError(f"penalty must be 'l1' or 'l2', got {penalty!r}.")
+        if differences not in ("forward", "central"):
+            raise ValueError(f"differences must be 'forward' or 'central', got {differences!r}.")
+        self.penalty = penalty
+        self.differences = differences
+        self.reduction = _check_reduction(reduction)
+
+    def _diffs(self, ddf: torch.Tensor) -> List[torch.Tensor]:
+        nd = ddf.dim() - 2
+        out: List[torch.Tensor] = []
+        for axis in range(2, ddf.dim()):
+            if self.differences == "forward":
+                out.append(ddf.narrow(axis, 1, ddf.shape[axis] - 1) - ddf.narrow(axis, 0, ddf.shape[axis] - 1))
+            else:
+                inner = ddf
+                for other in range(2, 2 + nd):
+                    if other != axis:
+                        inner = inner.narrow(other, 1, ddf.shape[other] - 2)
+                n = ddf.shape[axis] - 2
+                out.append((inner.narrow(axis, 2, n) - inner.narrow(axis, 0, n)) / 2.0)
+        return out
+
+    def forward(self, ddf: torch.Tensor) -> torch.Tensor:
+        """Compute the penalty.
+
+        Args:
+            ddf: ``(B, spatial_dims, H, W[, D])``.
+
+        Returns:
+            A scalar, or ``(B,)`` for ``reduction="none"``.
+
+        Raises:
+            ValueError: when ``ddf`` is not a 2-D/3-D field with one component per axis, or is too small.
+        """
+        if ddf.dim() not in (4, 5) or ddf.shape[1] != ddf.dim() - 2:
+            raise ValueError(
+                f"expected ddf of shape (B, spatial_dims, *spatial) with spatial_dims 2 or 3, got {list(ddf.shape)}."
+            )
+        least = 2 if self.differences == "forward" else 3
+        if min(ddf.shape[2:]) < least:
+            raise ValueError(
+                f"{self.differences} differences need every spatial size >= {least}, got {list(ddf.shape[2:])}."
+            )
+        terms = [d * d if self.penalty == "l2" else d.abs() for d in self._diffs(ddf)]
+        if self.reduction == "sum":
+            return torch.stack([t.sum() for t in terms]).sum()
+        per_item = torch.stack([t.flatten(1).mean(1) for t in terms]).sum(0)
+        return per_item.mean() if self.reduction == "mean" else per_item

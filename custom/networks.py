@@ -1,0 +1,233 @@
+"""VoxelMorph-2 registration UNet and its reduced-parameter variants.
+
+``baseline`` is the VoxelMorph-2 UNet (Balakrishnan et al., CVPR 2018): an encoder of stride-2 3x3 convs
+(16, 32, 32, 32), a decoder of 3x3 convs (32, 32, 32, 32) each followed by nearest x2 upsampling and
+concatenation of the encoder skip (the input pair at full resolution), three full-resolution convs
+(32, 16, 16) and a 3x3 flow conv initialised from N(0, 1e-5). Each upsample-concatenate-conv step runs as
+:class:`~custom.blocks.UpsampleConcatConv` (same parameters, a fraction of the work). Every conv but the flow conv is followed by
+LeakyReLU(0.2). The other variants change only where the UNet runs:
+
+- ``maxpool``: the pair is max-pooled by 2 first, the UNet runs at half resolution per axis, and the flow is
+  upsampled back (linear interpolation, no conv) and multiplied by 2 so it stays in full-resolution voxels.
+- ``reduced``: the two deepest encoder convs and the two deepest decoder convs are removed.
+- ``both``: ``maxpool`` and ``reduced`` together.
+"""
+
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+from monai.networks.layers import Conv
+from torch import nn
+
+from custom.blocks import UpsampleConcatConv
+from custom.warp import SpatialTransformer, VelocityIntegration
+
+__all__ = ["VARIANTS", "RegistrationNet", "VxmDense", "check_spatial_dims", "count_parameters"]
+
+VARIANTS = ("baseline", "maxpool", "reduced", "both")
+
+
+def check_spatial_dims(spatial_dims: int) -> int:
+    """Validate ``spatial_dims``.
+
+    Args:
+        spatial_dims: the number of spatial dimensions.
+
+    Returns:
+        ``spatial_dims`` as an ``int``.
+
+    Raises:
+        ValueError: unless it is 2 or 3.
+    """
+    if isinstance(spatial_dims, bool) or spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+    return int(spatial_dims)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def _conv(spatial_dims: int, in_channels: int, out_channels: int, strides: int = 1) -> Convolution:
+    return Convolution(
+        spatial_dims,
+        in_channels,
+        out_channels,
+        strides=strides,
+        kernel_size=3,
+        act=("leakyrelu", {"negative_slope": 0.2, "inplace": True}),
+        norm=None,
+        bias=True,
+    )
+
+
+class RegistrationNet(nn.Module):
+    """The registration UNet: a (moving, fixed) pair in, a displacement field out.
+
+    One tensor in and one tensor out, so it can be a MONAI bundle ``network_def`` and is scriptable with
+    ``torch.jit.script``. Spatial sizes that the network's total stride (``2**len(enc_channels)``, times 2
+    for the max-pool variants) does not divide are zero-padded internally and the field is cropped back,
+    so any size works, e.g. 160x192x224.
+
+    Args:
+        spatial_dims: 2 or 3.
+        variant: one of ``"baseline"``, ``"maxpool"``, ``"reduced"``, ``"both"``.
+        enc_channels: encoder channels of the baseline, one stride-2 conv each.
+        dec_channels: decoder channels of the baseline: the first ``len(enc_channels)`` are the
+            upsampling levels, the rest are full-resolution convs before the flow conv.
+        integration_steps: ``0`` predicts the displacement directly; ``> 0`` predicts a stationary velocity
+            field and integrates it by scaling and squaring (diffeomorphic variant).
+
+    Raises:
+        ValueError: for a bad ``spatial_dims``, ``variant``, channel list or ``integration_steps``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        variant: str = "baseline",
+        enc_channels: Sequence[int] = (16, 32, 32, 32),
+        dec_channels: Sequence[int] = (32, 32, 32, 32, 32, 16, 16),
+        integration_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        self.spatial_dims = check_spatial_dims(spatial_dims)
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+        enc, dec = list(enc_channels), list(dec_channels)
+        if len(enc) < 1 or len(dec) < len(enc) + 1 or min(enc + dec) < 1:
+            raise ValueError(
+                "expected positive enc_channels and dec_channels with len(dec_channels) > len(enc_channels), "
+                f"got enc_channels={enc}, dec_channels={dec}."
+            )
+        if variant in ("reduced", "both"):
+            if len(enc) < 3:
+                raise ValueError(f"variant {variant!r} removes two levels and needs >= 3 enc_channels, got {enc}.")
+            enc, dec = enc[:-2], dec[2:]
+        if integration_steps < 0:
+            raise ValueError(f"integration_steps must be >= 0, got {integration_steps}.")
+        self.variant = variant
+        self.half_res = variant in ("maxpool", "both")
+        self.stride = 2 ** len(enc) * (2 if self.half_res else 1)
+        self.linear_mode = "bilinear" if spatial_dims == 2 else "trilinear"
+
+        self.encoder = nn.ModuleList()
+        prev = 2
+        skip_channels = [prev]
+        for c in enc:
+            self.encoder.append(_conv(spatial_dims, prev, c, strides=2))
+            prev = c
+            skip_channels.append(c)
+        # bottom conv, then one upsample-concatenate-conv per level; the last one concatenates the input pair
+        self.bottom = _conv(spatial_dims, prev, dec[0])
+        self.decoder = nn.ModuleList()
+        for level in range(1, len(enc) + 1):
+            skip = skip_channels[len(enc) - level]
+            self.decoder.append(UpsampleConcatConv(spatial_dims, dec[level - 1], skip, dec[level]))
+        self.full_res = nn.ModuleList()
+        prev = dec[len(enc)]
+        for c in dec[len(enc) + 1 :]:
+            self.full_res.append(_conv(spatial_dims, prev, c))
+            prev = c
+        self.flow = Conv[Conv.CONV, spatial_dims](prev, spatial_dims, kernel_size=3, padding=1)
+        nn.init.normal_(self.flow.weight, 0.0, 1e-5)
+        nn.init.zeros_(self.flow.bias)
+        self.pool = (nn.MaxPool2d(2) if spatial_dims == 2 else nn.MaxPool3d(2)) if self.half_res else nn.Identity()
+        self.integrate = VelocityIntegration(integration_steps) if integration_steps > 0 else nn.Identity()
+        self.integration_steps = integration_steps
+
+    def _pad(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+        sizes = x.shape[2:]
+        pads: List[int] = []
+        for n in sizes:
+            pads = [0, (self.stride - n % self.stride) % self.stride] + pads
+        if max(pads) > 0:
+            x = F.pad(x, pads)
+        return x, [int(n) for n in sizes]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Predict the displacement that warps moving onto fixed.
+
+        Args:
+            x: ``(B, 2, H, W[, D])``; channel 0 the moving image, channel 1 the fixed image.
+
+        Returns:
+            ddf: ``(B, spatial_dims, H, W[, D])`` in voxels, for ``SpatialTransformer(moving, ddf)``.
+
+        Raises:
+            ValueError: for a wrong number of dimensions or channels.
+        """
+        if x.dim() != self.spatial_dims + 2:
+            raise ValueError(
+                f"expected input of shape (B, 2, *spatial) with {self.spatial_dims} spatial dims, "
+                f"got shape {list(x.shape)}."
+            )
+        if x.shape[1] != 2:
+            raise ValueError(f"expected 2 input channels (moving, fixed), got {x.shape[1]} in shape {list(x.shape)}.")
+        x, sizes = self._pad(x)
+        h = self.pool(x)
+        skips: List[torch.Tensor] = [h]
+        for conv in self.encoder:
+            h = conv(h)
+            skips.append(h)
+        h = self.bottom(h)
+        for level, block in enumerate(self.decoder):
+            h = block(h, skips[-(level + 2)])
+        for conv in self.full_res:
+            h = conv(h)
+        ddf = self.integrate(self.flow(h))
+        if self.half_res:
+            ddf = 2.0 * F.interpolate(ddf, scale_factor=2.0, mode=self.linear_mode, align_corners=False)
+        if self.spatial_dims == 2:
+            return ddf[:, :, : sizes[0], : sizes[1]]
+        return ddf[:, :, : sizes[0], : sizes[1], : sizes[2]]
+
+
+class VxmDense(nn.Module):
+    """VoxelMorph's composite model: :class:`RegistrationNet` followed by :class:`SpatialTransformer`.
+
+    Args:
+        spatial_dims: 2 or 3.
+        variant: one of ``"baseline"``, ``"maxpool"``, ``"reduced"``, ``"both"``.
+        enc_channels: see :class:`RegistrationNet`.
+        dec_channels: see :class:`RegistrationNet`.
+        integration_steps: see :class:`RegistrationNet`.
+        padding_mode: padding of the spatial transformer, ``"zeros"`` (VoxelMorph) or ``"border"``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        variant: str = "baseline",
+        enc_channels: Sequence[int] = (16, 32, 32, 32),
+        dec_channels: Sequence[int] = (32, 32, 32, 32, 32, 16, 16),
+        integration_steps: int = 0,
+        padding_mode: str = "zeros",
+    ) -> None:
+        super().__init__()
+        self.net = RegistrationNet(spatial_dims, variant, enc_channels, dec_channels, integration_steps)
+        self.transformer = SpatialTransformer("bilinear", padding_mode)
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Register ``moving`` to ``fixed``.
+
+        Args:
+            moving: ``(B, 1, H, W[, D])``.
+            fixed: ``(B, 1, H, W[, D])``, same shape as ``moving``.
+
+        Returns:
+            ``(warped, ddf)``: the warped moving image ``(B, 1, H, W[, D])`` and the displacement field
+            ``(B, spatial_dims, H, W[, D])`` in voxels.
+
+        Raises:
+            ValueError: when the shapes of ``moving`` and ``fixed`` differ.
+        """
+        if moving.shape != fixed.shape:
+            raise ValueError(
+                f"moving and fixed must have the same shape, got {list(moving.shape)} and {list(fixed.shape)}."
+            )
+        ddf = self.net(torch.cat([moving, fixed], dim=1))
+        return self.transformer(moving, ddf), ddf

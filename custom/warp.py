@@ -1,0 +1,122 @@
+"""Spatial transformer and velocity-field integration (scaling and squaring).
+
+Both are written for TorchScript: ``torch.jit.script(SpatialTransformer())`` works, unlike
+``monai.networks.blocks.Warp``.
+"""
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SpatialTransformer", "VelocityIntegration"]
+
+_MODES = ("bilinear", "nearest")
+_PADDING_MODES = ("zeros", "border", "reflection")
+
+
+class SpatialTransformer(nn.Module):
+    """Warp an image with a dense displacement field given in voxels.
+
+    ``warped[x] = image[x + ddf[x]]``, sampled with ``grid_sample(align_corners=True)``; this is the
+    convention of ``monai.networks.blocks.Warp`` (native path) and of VoxelMorph. The sampling grid is
+    built from 1-D coordinate ramps on the fly, so no full-size identity grid is stored or cached.
+
+    Integer images (label maps) are sampled as float and rounded back to their dtype; they need
+    ``mode="nearest"``.
+
+    Args:
+        mode: ``"bilinear"`` (linear in 2D and 3D) or ``"nearest"``.
+        padding_mode: ``"zeros"`` (VoxelMorph's choice), ``"border"`` (MONAI ``Warp``'s default)
+            or ``"reflection"``.
+
+    Raises:
+        ValueError: for an unknown ``mode`` or ``padding_mode``.
+    """
+
+    def __init__(self, mode: str = "bilinear", padding_mode: str = "zeros") -> None:
+        super().__init__()
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}.")
+        self.mode = mode
+        self.padding_mode = padding_mode
+
+    def forward(self, image: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+        """Warp ``image`` by ``ddf``.
+
+        Args:
+            image: ``(B, C, H, W[, D])``, any number of channels.
+            ddf: ``(B, spatial_dims, H, W[, D])``, displacement in voxels; channel ``i`` moves along
+                spatial axis ``i``.
+
+        Returns:
+            The warped image, ``(B, C, H, W[, D])``, same dtype as ``image``.
+
+        Raises:
+            ValueError: when the image is not 4-D/5-D or ``ddf`` does not match it.
+        """
+        if image.dim() not in (4, 5):
+            raise ValueError(
+                f"image must have shape (B, C, H, W) or (B, C, H, W, D), got {image.dim()}-D shape {list(image.shape)}."
+            )
+        nd = image.dim() - 2
+        expected = [image.shape[0], nd] + list(image.shape[2:])
+        if list(ddf.shape) != expected:
+            raise ValueError(
+                f"ddf must have shape {expected} to match image {list(image.shape)}, got {list(ddf.shape)}."
+            )
+        is_label = not image.is_floating_point()
+        if is_label and self.mode != "nearest":
+            raise ValueError(f"integer images (labels) need mode='nearest', got mode='{self.mode}'.")
+        src = image.to(ddf.dtype) if is_label or image.dtype != ddf.dtype else image
+        coords: List[torch.Tensor] = []
+        for i in range(nd):
+            n = ddf.shape[2 + i]
+            view = [1] * (nd + 1)
+            view[i + 1] = n
+            ramp = torch.arange(n, dtype=ddf.dtype, device=ddf.device).view(view)
+            # same operation order as monai's Warp, so the two agree to the last bit
+            coords.insert(0, (ramp + ddf[:, i]) * 2 / max(n - 1, 1) - 1)
+        grid = torch.stack(coords, dim=-1)
+        out = F.grid_sample(src, grid, mode=self.mode, padding_mode=self.padding_mode, align_corners=True)
+        if is_label:
+            return out.round().to(image.dtype)
+        return out.to(image.dtype)
+
+
+class VelocityIntegration(nn.Module):
+    """Integrate a stationary velocity field by scaling and squaring (diffeomorphic VoxelMorph).
+
+    ``ddf = v / 2**steps``, then ``steps`` times ``ddf = ddf + warp(ddf, ddf)``. Equal to
+    ``monai.networks.blocks.DVF2DDF(num_steps=steps, mode="bilinear", padding_mode="zeros")``.
+
+    Args:
+        steps: number of squaring steps, ``>= 1``.
+
+    Raises:
+        ValueError: when ``steps < 1``.
+    """
+
+    def __init__(self, steps: int = 7) -> None:
+        super().__init__()
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}.")
+        self.steps = steps
+        self.transformer = SpatialTransformer("bilinear", "zeros")
+
+    def forward(self, velocity: torch.Tensor) -> torch.Tensor:
+        """Turn a velocity field into a displacement field.
+
+        Args:
+            velocity: ``(B, spatial_dims, H, W[, D])`` in voxels.
+
+        Returns:
+            The displacement field, ``(B, spatial_dims, H, W[, D])`` in voxels.
+        """
+        ddf = velocity / (2.0**self.steps)
+        for _ in range(self.steps):
+            ddf = ddf + self.transformer(ddf, ddf)
+        return ddf

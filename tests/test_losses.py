@@ -1,0 +1,140 @@
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.losses import DiffusionLoss, LocalNormalizedCrossCorrelationLoss
+
+from custom.losses import GradLoss, LocalNCCLoss, MSELoss, box_sum
+
+
+def slow_box_sum(x, k):
+    """Reference: sum every k-wide window of the zero-padded input, one voxel at a time."""
+    r = k // 2
+    nd = x.dim() - 2
+    padded = F.pad(x, [r, r] * nd)
+    out = torch.zeros_like(x)
+    for idx in itertools.product(*[range(n) for n in x.shape[2:]]):
+        window = padded[(slice(None), slice(None)) + tuple(slice(i, i + k) for i in idx)]
+        out[(slice(None), slice(None)) + idx] = window.flatten(2).sum(-1)
+    return out
+
+
+@pytest.mark.parametrize("shape,k", [((2, 3, 7, 9), 3), ((1, 2, 5, 6, 7), 5), ((1, 1, 6, 5), 9)])
+def test_box_sum_against_slow_reference(shape, k):
+    x = torch.rand(shape)
+    torch.testing.assert_close(box_sum(x, torch.ones(k)), slow_box_sum(x, k), atol=1e-5, rtol=1e-5)
+
+
+LNCC_CASES = [
+    # (spatial_dims, kernel_size, shape, reduction)
+    (2, 3, (2, 1, 24, 28), "mean"),  # 2D, small window
+    (2, 5, (2, 1, 24, 28), "sum"),  # 2D, sum reduction
+    (2, 9, (3, 1, 32, 30), "mean"),  # 2D, VoxelMorph window
+    (2, 9, (2, 2, 20, 20), "none"),  # 2D multi-channel, voxel-wise map
+    (3, 3, (2, 1, 12, 14, 10), "mean"),  # 3D small window
+    (3, 5, (1, 1, 12, 14, 10), "sum"),  # 3D sum
+    (3, 9, (1, 1, 16, 14, 12), "mean"),  # 3D VoxelMorph window
+]
+
+
+@pytest.mark.parametrize("nd,k,shape,reduction", LNCC_CASES)
+def test_lncc_matches_monai(nd, k, shape, reduction):
+    pred, target = torch.rand(shape), torch.rand(shape)
+    expected = LocalNormalizedCrossCorrelationLoss(nd, k, "rectangular", reduction)(pred, target)
+    got = LocalNCCLoss(nd, k, reduction)(pred, target)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_lncc_identical_images_is_minus_one(nd):
+    x = torch.rand((2, 1) + (12,) * nd)
+    torch.testing.assert_close(LocalNCCLoss(nd, 5)(x, x), torch.tensor(-1.0), atol=1e-4, rtol=0)
+    # a positive intensity scaling keeps the correlation perfect (an offset would not: windows are zero padded)
+    torch.testing.assert_close(LocalNCCLoss(nd, 5)(3 * x, x), torch.tensor(-1.0), atol=1e-4, rtol=0)
+
+
+def test_lncc_gradient_flows():
+    pred = torch.rand(1, 1, 16, 16, requires_grad=True)
+    LocalNCCLoss(2, 9)(pred, torch.rand(1, 1, 16, 16)).backward()
+    assert pred.grad is not None and torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
+
+
+def test_mse():
+    a, b = torch.zeros(1, 1, 2, 2), torch.tensor([[[[1.0, 2.0], [3.0, 0.0]]]])
+    assert MSELoss()(a, b).item() == pytest.approx(14 / 4)
+    assert MSELoss("sum")(a, b).item() == pytest.approx(14)
+    assert MSELoss("none")(a, b).shape == a.shape
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 9, 11), (1, 3, 6, 7, 8)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_grad_central_equals_monai_diffusion(shape, reduction):
+    ddf = torch.randn(shape)
+    expected = DiffusionLoss(reduction=reduction)(ddf)
+    torch.testing.assert_close(GradLoss("l2", "central", reduction)(ddf), expected, atol=1e-5, rtol=1e-5)
+
+
+def slow_forward_grad(ddf, penalty):
+    """Reference: VoxelMorph's Grad summed (not averaged) over axes, written out per axis."""
+    total = 0.0
+    for axis in range(2, ddf.dim()):
+        d = torch.diff(ddf, dim=axis)
+        total = total + (d.pow(2) if penalty == "l2" else d.abs()).mean()
+    return total
+
+
+@pytest.mark.parametrize("penalty", ["l1", "l2"])
+@pytest.mark.parametrize("shape", [(2, 2, 9, 11), (2, 3, 5, 6, 7)])
+def test_grad_forward_against_reference(penalty, shape):
+    ddf = torch.randn(shape)
+    torch.testing.assert_close(GradLoss(penalty)(ddf), slow_forward_grad(ddf, penalty))
+    per_item = GradLoss(penalty, reduction="none")(ddf)
+    assert per_item.shape == (shape[0],)
+    torch.testing.assert_close(per_item.mean(), GradLoss(penalty)(ddf))
+
+
+@pytest.mark.parametrize("differences", ["forward", "central"])
+def test_constant_field_has_zero_penalty(differences):
+    ddf = torch.full((1, 3, 6, 6, 6), 2.5)
+    assert GradLoss("l2", differences)(ddf).item() == 0.0
+
+
+def test_linear_field_known_value():
+    # u_0 = 2 * x along axis 0, u_1 = 0: one derivative of 2 in a field of 2 components -> mean 4 / 2
+    x = torch.arange(8.0).view(1, 1, 8, 1).expand(1, 1, 8, 8)
+    ddf = torch.cat([2 * x, torch.zeros_like(x)], 1)
+    assert GradLoss("l2")(ddf).item() == pytest.approx(2.0)
+    assert GradLoss("l2", "central")(ddf).item() == pytest.approx(2.0)
+
+
+BAD_LOSSES = [
+    # (factory, message)
+    (lambda: LocalNCCLoss(2, 4), "kernel_size must be a positive odd integer, got 4"),  # even kernel
+    (lambda: LocalNCCLoss(4), "spatial_dims must be 2 or 3, got 4"),  # bad dims
+    (lambda: LocalNCCLoss(2, reduction="max"), "reduction must be one of"),  # bad reduction
+    (lambda: GradLoss("l3"), "penalty must be 'l1' or 'l2'"),  # bad penalty
+    (lambda: GradLoss(differences="backward"), "differences must be 'forward' or 'central'"),  # bad scheme
+]
+
+
+@pytest.mark.parametrize("factory,message", BAD_LOSSES)
+def test_bad_loss_options(factory, message):
+    with pytest.raises(ValueError, match=message):
+        factory()
+
+
+BAD_LOSS_INPUTS = [
+    # (loss, args, message)
+    (LocalNCCLoss(2), (torch.zeros(1, 1, 8, 8, 8), torch.zeros(1, 1, 8, 8, 8)), "with 2 spatial dims"),  # 3D to 2D
+    (LocalNCCLoss(2), (torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 9)), "same shape"),  # mismatch
+    (MSELoss(), (torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 9)), "same shape"),  # mismatch
+    (GradLoss(), (torch.zeros(1, 3, 8, 8),), "expected ddf of shape"),  # 3 components in 2D
+    (GradLoss(differences="central"), (torch.zeros(1, 2, 2, 8),), "need every spatial size >= 3"),  # too small
+]
+
+
+@pytest.mark.parametrize("loss,args,message", BAD_LOSS_INPUTS)
+def test_bad_loss_inputs(loss, args, message):
+    with pytest.raises(ValueError, match=message):
+        loss(*args)
