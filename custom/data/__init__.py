@@ -1,0 +1,27 @@
+"""The data layer: neurite-OASIS discovery and splits, MONAI loading/slicing transforms, pair strategies,
+and the synthetic demo dataset."""
+
+from custom.data.demo import DEMO_SHAPE, ensure_dataset, make_demo
+from custom.data.oasis import IMAGE_FILES, LABEL_FILES, find_subjects, split_subjects
+from custom.data.pairs import PAIR_STRATEGIES, PairDataset, PairResampler, build_pair_dataset, load_units, make_pairs
+from custom.data.transforms import CheckVolumed, ExtractSlicesd, foreground_slices, load_transforms
+
+__all__ = [
+    "DEMO_SHAPE",
+    "IMAGE_FILES",
+    "LABEL_FILES",
+    "PAIR_STRATEGIES",
+    "CheckVolumed",
+    "ExtractSlicesd",
+    "PairDataset",
+    "PairResampler",
+    "build_pair_dataset",
+    "ensure_dataset",
+    "find_subjects",
+    "foreground_slices",
+    "load_transforms",
+    "load_units",
+    "make_demo",
+    "make_pairs",
+    "split_subjects",
+]

@@ -1,0 +1,270 @@
+"""Pair strategies: which frame is fixed and which is moving (the seed's static/moving allocation).
+
+A *unit* is one cached training frame: a 2-D slice (``index`` = slice index) or a 3-D volume (``index`` = -1),
+with ``image``, optional ``label`` and optional ``orig`` tensors and its ``subject``. A strategy turns units into
+``(moving unit, fixed unit, moving key)`` triples:
+
+- ``inter_subject``: fixed and moving from different subjects, same slice index (or whole volumes).
+- ``atlas``: one fixed subject for all; moving from the rest, same slice index.
+- ``intra_volume``: fixed = slice z, moving = slice z + offset of the same volume (2-D only).
+- ``orig_to_norm``: the subject's ``aligned_orig`` (moving) to its ``aligned_norm`` (fixed).
+"""
+
+import logging
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from monai.data import CacheDataset
+
+from custom.data.oasis import find_subjects, split_subjects
+from custom.data.transforms import load_transforms
+from custom.networks import check_spatial_dims
+
+__all__ = ["PAIR_STRATEGIES", "PairDataset", "PairResampler", "load_units", "make_pairs", "build_pair_dataset"]
+
+PAIR_STRATEGIES = ("inter_subject", "atlas", "intra_volume", "orig_to_norm")
+Pair = Tuple[int, int, str]
+logger = logging.getLogger(__name__)
+
+
+def make_pairs(
+    units: Sequence[dict],
+    strategy: str,
+    rng: random.Random,
+    offset: int = 1,
+    atlas: Optional[str] = None,
+) -> List[Pair]:
+    """Allocate fixed and moving frames.
+
+    Args:
+        units: frames with ``subject`` and ``index`` (see the module docstring).
+        strategy: one of :data:`PAIR_STRATEGIES`.
+        rng: draws the partner subject for ``inter_subject``.
+        offset: slice distance for ``intra_volume``.
+        atlas: the fixed subject for ``atlas`` (default: the first subject).
+
+    Returns:
+        ``(moving unit index, fixed unit index, moving image key)`` triples.
+
+    Raises:
+        ValueError: an unknown strategy or data the strategy cannot pair.
+    """
+    if strategy not in PAIR_STRATEGIES:
+        raise ValueError(f"pair_strategy must be one of {PAIR_STRATEGIES}, got {strategy!r}.")
+    subjects = sorted({u["subject"] for u in units})
+    at: Dict[Tuple[str, int], int] = {(u["subject"], u["index"]): i for i, u in enumerate(units)}
+    by_index: Dict[int, List[int]] = defaultdict(list)
+    for i, u in enumerate(units):
+        by_index[u["index"]].append(i)
+    pairs: List[Pair] = []
+    if strategy == "inter_subject":
+        if len(subjects) < 2:
+            raise ValueError(f"pair_strategy 'inter_subject' needs at least two subjects, got {len(subjects)}.")
+        for f, u in enumerate(units):
+            others = [m for m in by_index[u["index"]] if units[m]["subject"] != u["subject"]]
+            if others:
+                pairs.append((rng.choice(others), f, "image"))
+    elif strategy == "atlas":
+        name = atlas or subjects[0]
+        if name not in subjects:
+            raise ValueError(f"atlas subject {name!r} is not among the subjects {subjects[:5]}.")
+        if len(subjects) < 2:
+            raise ValueError("pair_strategy 'atlas' needs the atlas and at least one other subject.")
+        for m, u in enumerate(units):
+            f = at.get((name, u["index"]))
+            if u["subject"] != name and f is not None:
+                pairs.append((m, f, "image"))
+    elif strategy == "intra_volume":
+        if units and units[0]["index"] < 0:
+            raise ValueError("pair_strategy 'intra_volume' pairs slices of one volume and needs spatial_dims=2.")
+        if offset == 0:
+            raise ValueError("intra_volume offset must be non-zero, got 0.")
+        for f, u in enumerate(units):
+            m = at.get((u["subject"], u["index"] + offset))
+            if m is not None:
+                pairs.append((m, f, "image"))
+    else:
+        if units and "orig" not in units[0]:
+            raise ValueError("pair_strategy 'orig_to_norm' needs the aligned_orig images (load them as 'orig').")
+        pairs = [(i, i, "orig") for i in range(len(units))]
+    if not pairs:
+        raise ValueError(f"pair_strategy {strategy!r} found no pairs among {len(units)} frames of {subjects[:5]}.")
+    return pairs
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Pairs of cached frames, re-drawn every epoch or fixed.
+
+    Items are dicts with ``moving``, ``fixed`` (``(1, *S)`` float tensors), ``moving_label`` and ``fixed_label``
+    when the frames have labels, and ``moving_id`` / ``fixed_id`` (``"subject:index"``).
+
+    Args:
+        units: cached frames.
+        strategy: one of :data:`PAIR_STRATEGIES`.
+        seed: seed of the pair draw.
+        resample: draw new random pairs at each :meth:`set_epoch` (training); otherwise the pairs stay fixed.
+        offset: slice distance for ``intra_volume``.
+        atlas: fixed subject for ``atlas``.
+    """
+
+    def __init__(
+        self,
+        units: Sequence[dict],
+        strategy: str = "inter_subject",
+        seed: int = 0,
+        resample: bool = False,
+        offset: int = 1,
+        atlas: Optional[str] = None,
+    ) -> None:
+        self.units = units
+        self.strategy = strategy
+        self.seed = seed
+        self.resample = resample
+        self.offset = offset
+        self.atlas = atlas
+        self.pairs = make_pairs(units, strategy, random.Random(seed), offset, atlas)
+        for m, f, key in self.pairs:
+            ms, fs = tuple(units[m][key].shape), tuple(units[f]["image"].shape)
+            if ms != fs:
+                raise ValueError(
+                    f"moving {self._id(m)} has shape {list(ms)} but fixed {self._id(f)} has shape {list(fs)}; "
+                    "pairs need equal shapes (resample the data to one grid)."
+                )
+
+    def _id(self, i: int) -> str:
+        u = self.units[i]
+        return f"{u['subject']}:{u['index']}" if u["index"] >= 0 else u["subject"]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-draw the random pairs for ``epoch`` (only when ``resample``); deterministic given the seed."""
+        if self.resample:
+            self.pairs = make_pairs(self.units, self.strategy, random.Random(self.seed + epoch), self.offset, self.atlas)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        m, f, key = self.pairs[i]
+        mu, fu = self.units[m], self.units[f]
+        item = {"moving": mu[key], "fixed": fu["image"], "moving_id": self._id(m), "fixed_id": self._id(f)}
+        if "label" in mu and "label" in fu:
+            item["moving_label"], item["fixed_label"] = mu["label"], fu["label"]
+        return item
+
+
+class PairResampler:
+    """Ignite handler: calls ``dataset.set_epoch(epoch)`` when each epoch starts, so pairs are re-drawn."""
+
+    def __init__(self, dataset: PairDataset) -> None:
+        self.dataset = dataset
+
+    def attach(self, engine) -> None:
+        """Attach to an Ignite engine."""
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.dataset.set_epoch(e.state.epoch))
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """The first of our clear errors (ValueError / FileNotFoundError) inside MONAI's transform wrapping."""
+    e: Optional[BaseException] = error
+    while e is not None:
+        if isinstance(e, (ValueError, FileNotFoundError)) and "applying transform" not in str(e):
+            return e
+        e = e.__cause__
+    return error
+
+
+def load_units(
+    subjects: Sequence[Dict[str, str]],
+    spatial_dims: int,
+    slice_axis: int = 2,
+    slice_range: Optional[Sequence[int]] = None,
+    num_workers: int = 0,
+) -> List[dict]:
+    """Decode each subject once (``CacheDataset``) and return its frames: slices in 2D, the volume in 3D.
+
+    Raises:
+        ValueError: for an unreadable (corrupt, truncated) file or bad content, naming the file.
+    """
+    if not subjects:
+        return []
+    image_keys = ["image"] + (["orig"] if "orig" in subjects[0] else [])
+    label_key = "label" if "label" in subjects[0] else None
+    transform = load_transforms(image_keys, label_key, spatial_dims, slice_axis, slice_range)
+    try:
+        cached = CacheDataset(list(subjects), transform, cache_rate=1.0, num_workers=num_workers, progress=False)
+        items = [cached[i] for i in range(len(cached))]
+    except Exception as error:  # MONAI wraps transform errors in RuntimeError: surface the real one
+        cause = _unwrap(error)
+        if cause is error or not isinstance(cause, (ValueError, FileNotFoundError)):
+            files = [s["image"] for s in subjects]
+            raise ValueError(f"could not read the subjects' files ({files[0]}, ...): {cause}") from error
+        raise cause from None
+    units = []
+    for item in items:
+        for frame in item if isinstance(item, list) else [item]:
+            if spatial_dims == 3:
+                frame = dict(frame, index=-1)
+            units.append(frame)
+    return units
+
+
+def build_pair_dataset(
+    dataset_dir: Union[str, Path],
+    split: str = "train",
+    spatial_dims: int = 2,
+    pair_strategy: str = "inter_subject",
+    image: str = "aligned_norm",
+    label: Optional[str] = "auto",
+    num_val: Union[int, float] = 0.2,
+    num_test: Union[int, float] = 0.1,
+    seed: int = 0,
+    slice_axis: int = 2,
+    slice_range: Optional[Sequence[int]] = None,
+    offset: int = 1,
+    atlas: Optional[str] = None,
+    num_workers: int = 0,
+) -> PairDataset:
+    """Discover, split, load and pair a neurite-OASIS-style dataset: what the bundle configs call.
+
+    Args:
+        dataset_dir: the dataset root.
+        split: ``"train"`` (pairs re-drawn every epoch), ``"val"``, ``"test"`` (fixed pairs) or ``"all"``.
+        spatial_dims: 2 (slices) or 3 (volumes).
+        pair_strategy: one of :data:`PAIR_STRATEGIES`.
+        image: the image file (``aligned_norm``; ``slice_norm`` for the release's 2-D slices).
+        label: label file, ``None``, or ``"auto"``.
+        num_val: validation subjects (fraction or count).
+        num_test: test subjects (fraction or count).
+        seed: split and pair seed.
+        slice_axis: slicing axis in 2D.
+        slice_range: ``(start, stop)`` slice indices in 2D; default the foreground slices.
+        offset: slice distance for ``intra_volume``.
+        atlas: fixed subject for ``atlas`` (it is added to the split's frames when it belongs to another split).
+        num_workers: loader threads for caching.
+
+    Raises:
+        ValueError / FileNotFoundError: for bad data or options, naming the file or subject.
+    """
+    spatial_dims = check_spatial_dims(spatial_dims)
+    if pair_strategy not in PAIR_STRATEGIES:
+        raise ValueError(f"pair_strategy must be one of {PAIR_STRATEGIES}, got {pair_strategy!r}.")
+    if split not in ("train", "val", "test", "all"):
+        raise ValueError(f"split must be 'train', 'val', 'test' or 'all', got {split!r}.")
+    extra = ("aligned_orig",) if pair_strategy == "orig_to_norm" else ()
+    subjects = find_subjects(dataset_dir, image, label, extra)
+    for s in subjects:
+        if "aligned_orig" in s:
+            s["orig"] = s.pop("aligned_orig")
+    chosen = subjects if split == "all" else split_subjects(subjects, num_val, num_test, seed)[split]
+    if pair_strategy == "atlas":
+        name = atlas or subjects[0]["subject"]
+        atlas = name
+        chosen = [s for s in subjects if s["subject"] == name][:1] + [s for s in chosen if s["subject"] != name]
+    units = load_units(chosen, spatial_dims, slice_axis, slice_range, num_workers)
+    logger.info("%s split: %d subjects, %d frames", split, len(chosen), len(units))
+    return PairDataset(units, pair_strategy, seed, resample=split == "train", offset=offset, atlas=atlas)

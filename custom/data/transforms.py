@@ -1,0 +1,178 @@
+"""MONAI dictionary transforms for loading subjects and slicing volumes into 2D training frames."""
+
+from typing import Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    ScaleIntensityd,
+)
+
+__all__ = ["CheckVolumed", "ExtractSlicesd", "load_transforms", "foreground_slices"]
+
+
+class CheckVolumed(MapTransform):
+    """Check loaded ``(C, H, W, D)`` images: finite values, the expected dimensionality, equal shapes.
+
+    Args:
+        keys: the image and label keys to check.
+        spatial_dims: 3 requires true volumes (no spatial size of 1); 2 accepts volumes and single slices.
+
+    Raises:
+        ValueError: naming the file, for NaN/inf values, a 2-D file where a volume is needed, or a shape
+            different from the first key's.
+    """
+
+    def __init__(self, keys: KeysCollection, spatial_dims: int) -> None:
+        super().__init__(keys)
+        self.spatial_dims = spatial_dims
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> Dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        reference: Optional[Tuple[Hashable, Tuple[int, ...]]] = None
+        for key in self.key_iterator(d):
+            img = d[key]
+            name = _source(img, key)
+            spatial = tuple(img.shape[1:])
+            if len(spatial) != 3 or (self.spatial_dims == 3 and min(spatial) == 1):
+                raise ValueError(
+                    f"{name}: spatial_dims={self.spatial_dims} needs a 3-D volume"
+                    f"{'' if self.spatial_dims == 3 else ' or a single slice'}, got spatial shape {list(spatial)}."
+                )
+            if img.is_floating_point() and not torch.isfinite(img).all():
+                raise ValueError(f"{name}: contains NaN or infinite intensities.")
+            if reference is None:
+                reference = (key, spatial)
+            elif spatial != reference[1]:
+                raise ValueError(
+                    f"{name}: shape {list(spatial)} differs from {reference[0]!s} shape {list(reference[1])}."
+                )
+        return d
+
+
+def _source(img, key) -> str:
+    meta = getattr(img, "meta", {}) or {}
+    return str(meta.get("filename_or_obj", key))
+
+
+def foreground_slices(volume: torch.Tensor, axis: int, min_fraction: float = 0.05) -> Tuple[int, int]:
+    """The ``[start, stop)`` range of slices along ``axis`` whose foreground (``> 0``) covers at least
+    ``min_fraction`` of the slice. Falls back to all slices for an empty volume.
+
+    Args:
+        volume: ``(C, H, W, D)``.
+        axis: spatial axis, 0, 1 or 2.
+        min_fraction: the smallest foreground fraction of a kept slice.
+    """
+    fg = (volume > 0).any(0).float()
+    other = [a for a in range(3) if a != axis]
+    frac = fg.mean(dim=other)
+    idx = torch.nonzero(frac >= min_fraction).flatten()
+    if idx.numel() == 0:
+        return 0, int(volume.shape[1 + axis])
+    return int(idx[0]), int(idx[-1]) + 1
+
+
+class ExtractSlicesd(MapTransform):
+    """Cut a subject's volumes into 2-D slices along one axis: one item per slice index.
+
+    Images and labels are cut alike (labels keep their integer dtype). Each output item is a copy of the
+    input dict with ``(C, H, W[, D])`` replaced by the ``(C, ., .)`` slice and ``"index"`` set to the slice
+    index. Outputs are plain tensors (no metadata), ready for batching.
+
+    Args:
+        keys: image and label keys to slice.
+        axis: spatial axis to slice along (0, 1 or 2; neurite-OASIS slices are along 2).
+        index_range: ``(start, stop)`` slice indices; ``None`` takes the foreground slices of ``ref_key``
+            (see :func:`foreground_slices`).
+        ref_key: the image whose foreground picks the default range.
+        min_fraction: foreground fraction for the default range.
+
+    Raises:
+        ValueError: for a bad axis or a range outside the volume.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        axis: int = 2,
+        index_range: Optional[Sequence[int]] = None,
+        ref_key: str = "image",
+        min_fraction: float = 0.05,
+    ) -> None:
+        super().__init__(keys)
+        if axis not in (0, 1, 2):
+            raise ValueError(f"slice axis must be 0, 1 or 2, got {axis!r}.")
+        if index_range is not None and (len(index_range) != 2 or index_range[0] >= index_range[1]):
+            raise ValueError(f"slice index_range must be (start, stop) with start < stop, got {index_range!r}.")
+        self.axis = axis
+        self.index_range = None if index_range is None else (int(index_range[0]), int(index_range[1]))
+        self.ref_key = ref_key
+        self.min_fraction = min_fraction
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> List[Dict[Hashable, torch.Tensor]]:
+        d = dict(data)
+        ref = d[self.ref_key]
+        size = int(ref.shape[1 + self.axis])
+        if size == 1:  # a single-slice file (e.g. slice_norm): its one slice
+            start, stop = 0, 1
+        elif self.index_range is None:
+            start, stop = foreground_slices(ref, self.axis, self.min_fraction)
+        else:
+            start, stop = self.index_range
+            if start < 0 or stop > size:
+                raise ValueError(
+                    f"{_source(ref, self.ref_key)}: slice range [{start}, {stop}) is outside the volume, "
+                    f"which has {size} slices along axis {self.axis}."
+                )
+        plain = {k: torch.as_tensor(d[k]).as_subclass(torch.Tensor) for k in self.key_iterator(d)}
+        out = []
+        for i in range(start, stop):
+            item = dict(d)
+            for key, vol in plain.items():
+                item[key] = vol.select(1 + self.axis, i).clone()
+            item["index"] = i
+            out.append(item)
+        return out
+
+
+def load_transforms(
+    image_keys: Sequence[str],
+    label_key: Optional[str],
+    spatial_dims: int,
+    slice_axis: int = 2,
+    slice_range: Optional[Sequence[int]] = None,
+    scale_intensity: bool = True,
+) -> Compose:
+    """The deterministic loading chain (cacheable by ``CacheDataset``).
+
+    ``LoadImaged`` -> ``EnsureChannelFirstd`` -> :class:`CheckVolumed` -> ``ScaleIntensityd`` (images to
+    [0, 1]) -> plain tensors, then :class:`ExtractSlicesd` for ``spatial_dims=2``.
+
+    Args:
+        image_keys: keys of intensity images (e.g. ``["image"]`` or ``["image", "orig"]``).
+        label_key: key of the label map, or ``None``.
+        spatial_dims: 2 (slices) or 3 (volumes).
+        slice_axis: axis to slice along in 2D.
+        slice_range: ``(start, stop)`` slice indices in 2D; default the foreground slices.
+        scale_intensity: min-max scale the images to [0, 1].
+    """
+    image_keys = list(image_keys)
+    all_keys = image_keys + ([label_key] if label_key else [])
+    chain = [LoadImaged(image_keys, reader="NibabelReader", dtype=np.float32, image_only=True)]
+    if label_key:
+        chain.append(LoadImaged(label_key, reader="NibabelReader", dtype=np.int32, image_only=True))
+    chain += [EnsureChannelFirstd(all_keys, channel_dim="no_channel"), CheckVolumed(all_keys, spatial_dims)]
+    if scale_intensity:
+        chain.append(ScaleIntensityd(image_keys, minv=0.0, maxv=1.0))
+    if spatial_dims == 2:
+        chain.append(ExtractSlicesd(all_keys, slice_axis, slice_range, ref_key=image_keys[0]))
+    else:
+        chain.append(EnsureTyped(all_keys, track_meta=False))
+    return Compose(chain)

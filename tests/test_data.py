@@ -1,0 +1,325 @@
+import gzip
+import json
+import random
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from custom.data import (
+    PAIR_STRATEGIES,
+    ExtractSlicesd,
+    build_pair_dataset,
+    ensure_dataset,
+    find_subjects,
+    foreground_slices,
+    load_transforms,
+    load_units,
+    make_demo,
+    make_pairs,
+    split_subjects,
+)
+
+TINY = (24, 28, 20)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return make_demo(tmp_path_factory.mktemp("d") / "demo", num_subjects=6, shape=TINY, seed=3)
+
+
+def _copy_subjects(src, dst, names):
+    for n in names:
+        (dst / n).mkdir(parents=True)
+        for f in (src / n).iterdir():
+            (dst / n / f.name).write_bytes(f.read_bytes())
+
+
+# --- demo generator ---------------------------------------------------------------------------------------
+
+
+def test_demo_layout_and_determinism(demo, tmp_path):
+    names = (demo / "subjects.txt").read_text().split()
+    assert names[0] == "OASIS_OAS1_0001_MR1" and len(names) == 6
+    files = sorted(p.name for p in (demo / names[0]).iterdir())
+    assert files == ["aligned_norm.nii.gz", "aligned_orig.nii.gz", "aligned_seg4.nii.gz", "slice_norm.nii.gz",
+                     "slice_seg4.nii.gz"]
+    img = nib.load(demo / names[0] / "aligned_norm.nii.gz").get_fdata()
+    seg = np.asarray(nib.load(demo / names[0] / "aligned_seg4.nii.gz").dataobj)
+    assert img.shape == TINY and 0 <= img.min() and img.max() <= 1
+    assert set(np.unique(seg)) <= {0, 1, 2, 3, 4} and len(np.unique(seg)) >= 4
+    sl = nib.load(demo / names[0] / "slice_norm.nii.gz").get_fdata()
+    np.testing.assert_array_equal(sl[..., 0], img[:, :, TINY[2] // 2])
+    again = make_demo(tmp_path / "again", num_subjects=6, shape=TINY, seed=3)
+    other = nib.load(again / names[0] / "aligned_norm.nii.gz").get_fdata()
+    np.testing.assert_array_equal(other, img)
+    assert json.loads((demo / "demo.json").read_text())["seed"] == 3
+    # subjects differ from each other (random deformations and intensities)
+    second = nib.load(demo / names[1] / "aligned_norm.nii.gz").get_fdata()
+    assert np.abs(second - img).mean() > 0.01
+
+
+def test_demo_never_overwrites(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        make_demo(tmp_path / "mine", num_subjects=2, shape=(8, 8, 8))
+    assert (tmp_path / "mine" / "keep.txt").read_text() == "user data"
+    assert ensure_dataset(tmp_path / "mine") == str(tmp_path / "mine")  # existing: left alone
+    assert ensure_dataset(tmp_path / "new", num_subjects=2, shape=(8, 8, 8)) == str(tmp_path / "new")
+    assert len(find_subjects(tmp_path / "new")) == 2
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folder left
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"num_subjects": 1}, "num_subjects must be at least 2"),  # too few subjects
+        ({"shape": (8, 8)}, "shape must be 3 sizes"),  # 2-D shape
+        ({"shape": (4, 8, 8)}, "of at least 8"),  # too small
+    ],
+)
+def test_demo_bad_options(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_demo(tmp_path / "x", **kwargs)
+
+
+def test_make_demo_cli(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli_demo"
+    cmd = [sys.executable, "-m", "custom.data", "make-demo", str(out), "--num_subjects", "2", "--shape", "[8,8,8]"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    assert len(find_subjects(out)) == 2
+
+
+# --- discovery and splits ---------------------------------------------------------------------------------
+
+
+def test_find_subjects_auto_label(demo, real_data):
+    subjects = find_subjects(demo)
+    assert len(subjects) == 6 and subjects[0]["label"].endswith("aligned_seg4.nii.gz")
+    assert "label" not in find_subjects(demo, label=None)[0]
+    assert find_subjects(demo, image="slice_norm")[0]["label"].endswith("slice_seg4.nii.gz")
+    # real samples: only subject_c has a segmentation, so "auto" finds none common to all
+    real = find_subjects(real_data)
+    assert [s["subject"] for s in real] == ["subject_a", "subject_b", "subject_c"] and "label" not in real[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_split_is_by_subject_and_deterministic(demo, seed):
+    subjects = find_subjects(demo)
+    split = split_subjects(subjects, num_val=2, num_test=1, seed=seed)
+    names = {k: {s["subject"] for s in v} for k, v in split.items()}
+    assert len(names["val"]) == 2 and len(names["test"]) == 1 and len(names["train"]) == 3
+    assert not (names["train"] & names["val"]) and not (names["train"] & names["test"])
+    assert not (names["val"] & names["test"])
+    assert split == split_subjects(subjects, num_val=2, num_test=1, seed=seed)
+
+
+def test_split_from_lists_and_fractions(demo):
+    subjects = find_subjects(demo)
+    split = split_subjects(subjects, val_subjects=["OASIS_OAS1_0002_MR1"], test_subjects=[])
+    assert [s["subject"] for s in split["val"]] == ["OASIS_OAS1_0002_MR1"] and len(split["train"]) == 5
+    assert len(split_subjects(subjects, num_val=0.5, num_test=0.0)["val"]) == 3
+
+
+# --- loading and slicing ----------------------------------------------------------------------------------
+
+
+def test_slice_norm_equals_slicing_aligned_norm(real_data):
+    """subject_a's slice_norm is exactly z = 109 of aligned_norm; our slicing transform must reproduce it."""
+    item = {"image": str(real_data / "subject_a" / "aligned_norm.nii.gz")}
+    frames = load_transforms(["image"], None, 2, slice_axis=2, slice_range=(109, 110), scale_intensity=False)(item)
+    assert len(frames) == 1 and frames[0]["index"] == 109
+    expected = nib.load(real_data / "subject_a" / "slice_norm.nii.gz").get_fdata(dtype=np.float32)[..., 0]
+    assert frames[0]["image"].shape == (1, 160, 192)
+    np.testing.assert_array_equal(frames[0]["image"][0].numpy(), expected)
+
+
+def test_real_labels_survive_slicing(real_data):
+    subjects = [{"subject": "subject_c", "image": str(real_data / "subject_c" / "aligned_norm.nii.gz"),
+                 "label": str(real_data / "subject_c" / "aligned_aseg.nii.gz")}]
+    units = load_units(subjects, 2, slice_range=(100, 112))
+    volume_labels = set(np.unique(np.asarray(nib.load(subjects[0]["label"]).dataobj)).tolist())
+    assert len(units) == 12
+    for u in units:
+        assert u["label"].dtype == torch.int32 and u["image"].dtype == torch.float32
+        assert set(u["label"].unique().tolist()) <= volume_labels
+        assert u["image"].shape == u["label"].shape == (1, 160, 192)
+
+
+def test_real_3d_pairs(real_data):
+    ds = build_pair_dataset(real_data, "all", spatial_dims=3, label=None)
+    assert len(ds) == 3
+    item = ds[0]
+    assert item["moving"].shape == item["fixed"].shape == (1, 160, 192, 224)
+    assert item["moving_id"] != item["fixed_id"]
+
+
+def test_real_slice_files_in_2d(real_data):
+    ds = build_pair_dataset(real_data, "all", spatial_dims=2, image="slice_norm", label=None)
+    assert len(ds) == 3 and ds[0]["moving"].shape == (1, 160, 192)
+
+
+def test_foreground_slices():
+    vol = torch.zeros(1, 4, 4, 10)
+    vol[..., 3:7] = 1.0
+    assert foreground_slices(vol, 2) == (3, 7)
+    assert foreground_slices(torch.zeros(1, 4, 4, 5), 2) == (0, 5)
+
+
+# --- pair strategies --------------------------------------------------------------------------------------
+
+
+def _units(subjects=("a", "b", "c"), indices=(0, 1, 2)):
+    return [{"subject": s, "index": i, "image": torch.zeros(1, 4, 4)} for s in subjects for i in indices]
+
+
+STRATEGY_CASES = [
+    # (strategy, kwargs, check on (moving unit, fixed unit))
+    ("inter_subject", {}, lambda m, f: m["subject"] != f["subject"] and m["index"] == f["index"]),  # default
+    ("atlas", {"atlas": "b"}, lambda m, f: f["subject"] == "b" and m["subject"] != "b" and m["index"] == f["index"]),
+    ("intra_volume", {"offset": 2}, lambda m, f: m["subject"] == f["subject"] and m["index"] == f["index"] + 2),
+]
+
+
+@pytest.mark.parametrize("strategy,kwargs,check", STRATEGY_CASES)
+def test_pair_strategies(strategy, kwargs, check):
+    units = _units()
+    pairs = make_pairs(units, strategy, random.Random(0), **kwargs)
+    assert pairs and all(check(units[m], units[f]) for m, f, _ in pairs)
+
+
+def test_orig_to_norm_pairs(demo):
+    ds = build_pair_dataset(demo, "val", 2, "orig_to_norm", num_val=1, num_test=0)
+    item = ds[0]
+    assert item["moving_id"] == item["fixed_id"]
+    assert not torch.equal(item["moving"], item["fixed"])  # orig (bias field, skull) vs norm
+
+
+# every strategy in 2D and 3D, except intra_volume in 3D (an error, tested below)
+BUILD_CASES = [(s, nd) for s in PAIR_STRATEGIES for nd in (2, 3) if (s, nd) != ("intra_volume", 3)]
+
+
+@pytest.mark.parametrize("strategy,nd", BUILD_CASES)
+def test_every_strategy_builds_on_demo(demo, strategy, nd):
+    ds = build_pair_dataset(demo, "train", nd, strategy, num_val=1, num_test=1)
+    item = ds[0]
+    assert item["moving"].shape == item["fixed"].shape and item["moving"].dim() == nd + 1
+    assert item["moving_label"].dtype == torch.int32
+
+
+def test_train_pairs_redrawn_each_epoch_validation_fixed(demo):
+    train = build_pair_dataset(demo, "train", 2, num_val=1, num_test=1)
+    first = list(train.pairs)
+    train.set_epoch(1)
+    assert train.pairs != first
+    train.set_epoch(0)
+    assert train.pairs == first  # deterministic per epoch
+    val = build_pair_dataset(demo, "val", 2, num_val=2, num_test=1)
+    before = list(val.pairs)
+    val.set_epoch(3)
+    assert val.pairs == before
+
+
+# --- bad input --------------------------------------------------------------------------------------------
+
+
+def _write(path, array, dtype=np.float32):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(array, dtype=dtype), np.eye(4)), str(path))
+
+
+def test_missing_and_empty_root(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_subjects(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no subject folders"):
+        find_subjects(tmp_path / "empty")
+
+
+def test_subject_without_image(demo, tmp_path):
+    _copy_subjects(demo, tmp_path, ["OASIS_OAS1_0001_MR1"])
+    (tmp_path / "OASIS_OAS1_0002_MR1").mkdir()
+    with pytest.raises(FileNotFoundError, match="subject 'OASIS_OAS1_0002_MR1' has no aligned_norm.nii.gz"):
+        find_subjects(tmp_path)
+    with pytest.raises(FileNotFoundError, match="has no aligned_seg35.nii.gz"):
+        find_subjects(demo, label="aligned_seg35")
+
+
+def _one(tmp_path, image, label=None, name="s1"):
+    _write(tmp_path / name / "aligned_norm.nii.gz", image)
+    item = {"subject": name, "image": str(tmp_path / name / "aligned_norm.nii.gz")}
+    if label is not None:
+        _write(tmp_path / name / "aligned_seg4.nii.gz", label, np.int16)
+        item["label"] = str(tmp_path / name / "aligned_seg4.nii.gz")
+    return item
+
+
+BAD_FILES = [
+    # (image, label, spatial_dims, slice_range, message)
+    (np.ones((8, 8, 8)), np.zeros((8, 8, 6)), 2, None, r"aligned_seg4.nii.gz: shape \[8, 8, 6\] differs"),  # label
+    (np.ones((8, 8, 1)), None, 3, None, r"spatial_dims=3 needs a 3-D volume, got spatial shape \[8, 8, 1\]"),  # 2D
+    (np.ones((8, 8)), None, 3, None, "spatial_dims=3 needs a 3-D volume"),  # a 2-D file
+    (np.full((8, 8, 8), np.nan), None, 2, None, "contains NaN or infinite intensities"),  # NaN
+    (np.full((8, 8, 8), np.inf), None, 3, None, "contains NaN or infinite intensities"),  # inf
+    (np.ones((8, 8, 8)), None, 2, (4, 12), r"slice range \[4, 12\) is outside the volume"),  # range
+]
+
+
+@pytest.mark.parametrize("image,label,nd,slice_range,message", BAD_FILES)
+def test_bad_files(tmp_path, image, label, nd, slice_range, message):
+    item = _one(tmp_path, image, label)
+    with pytest.raises(ValueError, match=message) as info:
+        load_units([item], nd, slice_range=slice_range)
+    assert "s1" in str(info.value) or "aligned" in str(info.value)
+
+
+def test_corrupt_and_truncated_files(tmp_path):
+    item = _one(tmp_path, np.ones((8, 8, 8)))
+    data = (tmp_path / "s1" / "aligned_norm.nii.gz").read_bytes()
+    (tmp_path / "s1" / "aligned_norm.nii.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="could not read .*s1/aligned_norm.nii.gz"):
+        load_units([item], 2)
+    (tmp_path / "s1" / "aligned_norm.nii.gz").write_bytes(gzip.compress(b"not a nifti file"))
+    with pytest.raises(ValueError, match="could not read"):
+        load_units([item], 2)
+
+
+def test_moving_fixed_shape_mismatch(tmp_path):
+    _one(tmp_path, np.ones((8, 8, 8)), name="s1")
+    _one(tmp_path, np.ones((8, 10, 8)), name="s2")
+    with pytest.raises(ValueError, match="has shape .* but fixed .* has shape"):
+        build_pair_dataset(tmp_path, "all", 3)
+
+
+BAD_OPTIONS = [
+    # (kwargs, message)
+    ({"pair_strategy": "random"}, "pair_strategy must be one of"),  # unknown strategy
+    ({"split": "dev"}, "split must be"),  # unknown split
+    ({"num_val": 3, "num_test": 3}, "requested 3 validation \\+ 3 test subjects, but there are only 6"),  # too big
+    ({"spatial_dims": 3, "pair_strategy": "intra_volume"}, "needs spatial_dims=2"),  # intra_volume in 3D
+    ({"pair_strategy": "atlas", "atlas": "nobody"}, "atlas subject 'nobody' is not among"),  # unknown atlas
+    ({"spatial_dims": 4}, "spatial_dims must be 2 or 3"),  # 4D
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_OPTIONS)
+def test_bad_options(demo, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_pair_dataset(demo, **kwargs)
+
+
+def test_inter_subject_needs_two_subjects(demo):
+    with pytest.raises(ValueError, match="'inter_subject' needs at least two subjects, got 1"):
+        build_pair_dataset(demo, "val", 2, num_val=1, num_test=0)
+
+
+def test_bad_slicing_options():
+    with pytest.raises(ValueError, match="slice axis must be 0, 1 or 2, got 3"):
+        ExtractSlicesd("image", axis=3)
+    with pytest.raises(ValueError, match="start < stop"):
+        ExtractSlicesd("image", index_range=(5, 5))
