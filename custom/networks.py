@@ -138,6 +138,25 @@ class RegistrationNet(nn.Module):
         self.pool = (nn.MaxPool2d(2) if spatial_dims == 2 else nn.MaxPool3d(2)) if self.half_res else nn.Identity()
         self.integrate = VelocityIntegration(integration_steps) if integration_steps > 0 else nn.Identity()
         self.integration_steps = integration_steps
+        # saved with the weights, so loading a checkpoint of another variant fails clearly (maxpool and
+        # baseline weights have identical shapes)
+        self.register_buffer("arch", torch.tensor([spatial_dims, VARIANTS.index(variant), integration_steps]))
+
+    @staticmethod
+    def describe(arch: torch.Tensor) -> str:
+        """Human-readable form of an ``arch`` buffer."""
+        nd, variant, steps = (int(v) for v in arch.tolist())
+        name = VARIANTS[variant] if 0 <= variant < len(VARIANTS) else f"variant #{variant}"
+        return f"{nd}D {name!r} with integration_steps={steps}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "arch"
+        if key in state_dict and not torch.equal(state_dict[key].cpu().long(), self.arch.cpu().long()):
+            raise ValueError(
+                f"the checkpoint is for a {self.describe(state_dict[key])} network, "
+                f"but this network is {self.describe(self.arch)}: set spatial_dims/variant to match."
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _pad(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
         sizes = x.shape[2:]
