@@ -1,6 +1,7 @@
 """Register a user's own NIfTI pairs: the dataset the inference config loads and the writer of its outputs.
 
-Outputs per pair, named after the moving file: ``<name>_warped.nii.gz`` (the moving image in its own intensity
+Outputs per pair, named after the moving file (``<subject>_aligned_norm`` for neurite-OASIS names):
+``<name>_warped.nii.gz`` (the moving image in its own intensity
 scale, warped), ``<name>_ddf.nii.gz`` (the displacement field in voxels, the vector last), and with a moving
 label ``<name>_warped_label.nii.gz`` (nearest neighbour). Each carries the fixed image's affine and header and
 is written to a temporary name and renamed.
@@ -16,8 +17,10 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from custom.data.oasis import IMAGE_FILES
 from custom.io import atomic_path
 from custom.networks import check_spatial_dims
+from custom.workflow import decollated
 from custom.warp import SpatialTransformer
 
 __all__ = ["RegistrationPairs", "RegistrationWriter", "list_pairs", "run_or_exit"]
@@ -26,11 +29,14 @@ NIFTI = (".nii.gz", ".nii")
 
 
 def _stem(path: str) -> str:
+    """Output name of a moving file: its name without extension, prefixed by its folder (the subject) for the
+    neurite-OASIS file names, which every subject shares."""
     name = Path(path).name
     for ext in NIFTI:
         if name.endswith(ext):
-            return name[: -len(ext)]
-    return Path(path).stem
+            name = name[: -len(ext)]
+            break
+    return f"{Path(path).parent.name}_{name}" if name in IMAGE_FILES else name
 
 
 def list_pairs(
@@ -187,37 +193,40 @@ class RegistrationWriter:
         self.written.append(str(path))
 
     def __call__(self, engine: Engine) -> None:
-        batch, outputs = engine.state.batch, engine.state.output
-        outputs = outputs if isinstance(outputs, list) else [outputs]
-        for i, output in enumerate(outputs):
+        items, outputs = decollated(engine)
+        for item, output in zip(items, outputs):
             ddf = torch.as_tensor(output["pred"]).float()[None].cpu()
-            fixed = nib.load(batch["fixed_path"][i])
-            shape = fixed.shape
-            name = _stem(batch["moving_path"][i])
+            fixed = nib.load(item["fixed_path"])
+            shape = tuple(fixed.shape)
+            name = _stem(item["moving_path"])
             with torch.no_grad():
-                warped = self.warp(torch.as_tensor(batch["moving_raw"][i : i + 1]).float(), ddf)[0, 0]
+                warped = self.warp(torch.as_tensor(item["moving_raw"])[None].float(), ddf)[0, 0]
+                vector = ddf[0].movedim(0, -1)
+                warped_label = None
+                if "moving_label" in item:
+                    warped_label = self.warp_labels(torch.as_tensor(item["moving_label"])[None], ddf)[0, 0]
             self._save(warped.numpy().reshape(shape), fixed, self.output_dir / f"{name}_warped.nii.gz", np.float32)
-            vector = ddf[0].movedim(0, -1).numpy()
-            self._save(vector.reshape(tuple(shape) + (ddf.shape[1],)), fixed,
+            self._save(vector.numpy().reshape(shape + (ddf.shape[1],)), fixed,
                        self.output_dir / f"{name}_ddf.nii.gz", np.float32)
-            if "moving_label" in batch:
-                label = torch.as_tensor(batch["moving_label"][i : i + 1])
-                with torch.no_grad():
-                    warped_label = self.warp_labels(label, ddf)[0, 0]
+            if warped_label is not None:
                 self._save(warped_label.numpy().reshape(shape), fixed,
                            self.output_dir / f"{name}_warped_label.nii.gz", np.int32)
 
 
-def run_or_exit(evaluator: Engine) -> None:
-    """Validate the inputs, run the evaluator, and turn input errors into one line on stderr and exit code 2.
+def run_or_exit(evaluator: Union[Engine, Callable[[], Engine]]) -> None:
+    """Build (when given a factory) and run the evaluator, turning input errors into one line on stderr and
+    exit code 2.
 
-    Nothing is written before every pair has passed :meth:`RegistrationPairs.validate`.
+    Nothing is written before every pair has passed :meth:`RegistrationPairs.validate`. The inference config
+    passes a factory (``"_mode_": "callable"``) so that the pair listing, which the evaluator's constructor
+    triggers, is inside this guard too.
     """
     try:
-        dataset = evaluator.data_loader.dataset
+        engine = evaluator if isinstance(evaluator, Engine) else evaluator()
+        dataset = engine.data_loader.dataset
         if hasattr(dataset, "validate"):
             dataset.validate()
-        evaluator.run()
+        engine.run()
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

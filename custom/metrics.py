@@ -30,7 +30,7 @@ def dice_per_label(
     if pred.shape != target.shape:
         raise ValueError(f"label maps must have the same shape, got {list(pred.shape)} and {list(target.shape)}.")
     if labels is None:
-        labels = sorted(set(torch.unique(pred).tolist()) | set(torch.unique(target).tolist()) - {0})
+        labels = sorted((set(torch.unique(pred).tolist()) | set(torch.unique(target).tolist())) - {0})
     scores = {}
     for label in labels:
         p, t = pred == label, target == label

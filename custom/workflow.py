@@ -20,6 +20,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
+from monai.data import decollate_batch
 from monai.handlers import from_engine
 from torch import nn
 
@@ -35,6 +36,7 @@ __all__ = [
     "PairLoss",
     "PairMetricsWriter",
     "WarpedNCC",
+    "decollated",
     "latest_checkpoint",
     "prepare_pair_batch",
 ]
@@ -82,6 +84,14 @@ class PairLoss(nn.Module):
         """
         warped = self.transformer(pair[:, :1], ddf.float())
         return self.similarity(warped, pair[:, 1:]) + self.smooth_weight * self.smoothness(ddf.float())
+
+
+def decollated(engine: Engine):
+    """``(items, outputs)``: the engine's current batch and output as per-item lists (MONAI engines decollate)."""
+    batch, output = engine.state.batch, engine.state.output
+    items = batch if isinstance(batch, list) else decollate_batch(batch)
+    outputs = output if isinstance(output, list) else decollate_batch(output)
+    return items, outputs
 
 
 def _stack(values) -> torch.Tensor:
@@ -255,31 +265,28 @@ class PairMetricsWriter:
 
     def _update(self, engine: Engine) -> None:
         seconds = time.perf_counter() - self._start
-        batch = engine.state.batch
-        ddf, pair = (_stack(v) for v in from_engine(["pred", "label"])(engine.state.output))
-        with torch.no_grad():
-            warped = self.warp(pair[:, :1], ddf)
-            lncc = -self.lncc(warped, pair[:, 1:]).flatten(1).mean(1)
-            mse = ((warped - pair[:, 1:]) ** 2).flatten(1).mean(1)
-            warped_labels = None
-            if "moving_label" in batch:
-                ml = torch.as_tensor(batch["moving_label"]).to(ddf.device)
-                warped_labels = self.warp_labels(ml, ddf)
-        for i in range(ddf.shape[0]):
-            row = {
-                "moving": batch["moving_id"][i],
-                "fixed": batch["fixed_id"][i],
-                "lncc": float(lncc[i]),
-                "mse": float(mse[i]),
-                **jacobian_stats(ddf[i : i + 1]),
-                "seconds": seconds / ddf.shape[0],
-            }
-            if warped_labels is not None:
-                fixed_label = torch.as_tensor(batch["fixed_label"][i]).to(ddf.device)
-                dice = dice_per_label(warped_labels[i], fixed_label, self.labels)
-                row.update({f"dice_{k}": v for k, v in dice.items()})
-                valid = [v for v in dice.values() if not math.isnan(v)]
-                row["dice_mean"] = statistics.fmean(valid) if valid else float("nan")
+        items, outputs = decollated(engine)
+        for item, output in zip(items, outputs):
+            ddf = torch.as_tensor(output["pred"]).float()[None]
+            pair = torch.as_tensor(output["label"]).float()[None]
+            with torch.no_grad():
+                warped = self.warp(pair[:, :1], ddf)
+                row = {
+                    "moving": item["moving_id"],
+                    "fixed": item["fixed_id"],
+                    "lncc": float(-self.lncc(warped, pair[:, 1:]).mean()),
+                    "mse": float(((warped - pair[:, 1:]) ** 2).mean()),
+                    **jacobian_stats(ddf),
+                    "seconds": seconds / len(items),
+                }
+                if "moving_label" in item:
+                    moving_label = torch.as_tensor(item["moving_label"]).to(ddf.device)[None]
+                    warped_label = self.warp_labels(moving_label, ddf)[0]
+                    fixed_label = torch.as_tensor(item["fixed_label"]).to(ddf.device)
+                    dice = dice_per_label(warped_label, fixed_label, self.labels)
+                    row.update({f"dice_{k}": v for k, v in dice.items()})
+                    valid = [v for v in dice.values() if not math.isnan(v)]
+                    row["dice_mean"] = statistics.fmean(valid) if valid else float("nan")
             self.rows.append(row)
 
     def summary(self) -> Dict[str, Dict[str, float]]:

@@ -98,7 +98,7 @@ def _count(size: Union[int, float], total: int, name: str) -> int:
 def split_subjects(
     subjects: Sequence[Dict[str, str]],
     num_val: Union[int, float] = 0.2,
-    num_test: Union[int, float] = 0.1,
+    num_test: Union[int, float] = 0.2,
     seed: int = 0,
     val_subjects: Optional[Sequence[str]] = None,
     test_subjects: Optional[Sequence[str]] = None,

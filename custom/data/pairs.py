@@ -221,7 +221,7 @@ def build_pair_dataset(
     image: str = "aligned_norm",
     label: Optional[str] = "auto",
     num_val: Union[int, float] = 0.2,
-    num_test: Union[int, float] = 0.1,
+    num_test: Union[int, float] = 0.2,
     seed: int = 0,
     slice_axis: int = 2,
     slice_range: Optional[Sequence[int]] = None,
