@@ -6,15 +6,14 @@ and each one's speed ratio to MONAI's ``VoxelMorph`` with the same channels (``i
 default; MONAI's out-of-the-box ``integration_steps=7`` is listed too). A second table times our
 ``SpatialTransformer`` and ``LocalNCCLoss`` against MONAI's ``Warp`` and ``LocalNormalizedCrossCorrelationLoss``.
 
-Every row runs in its own process, so peak memory (resident-set growth on CPU,
-``torch.cuda.max_memory_allocated`` on GPU) belongs to that row alone. Timings are medians.
+Every row runs in its own process. Peak memory is the tensor memory of one training step (see
+:func:`peak_memory_mb`). Timings are medians.
 """
 
 import argparse
 import multiprocessing as mp
 import os
 import platform
-import resource
 import statistics
 import time
 import warnings
@@ -25,7 +24,16 @@ import torch
 from custom.io import atomic_write_text
 from custom.networks import VARIANTS, check_spatial_dims
 
-__all__ = ["benchmark", "build_pair_model", "machine_description", "main", "multiply_adds", "time_call"]
+__all__ = [
+    "benchmark",
+    "build_pair_model",
+    "machine_description",
+    "main",
+    "measure_model",
+    "multiply_adds",
+    "peak_memory_mb",
+    "time_call",
+]
 
 DEFAULT_SHAPES = {2: (160, 192), 3: (160, 192, 224)}
 DEFAULT_BATCH = {2: 8, 3: 1}
@@ -96,17 +104,28 @@ def build_pair_model(name: str, spatial_dims: int):
     raise ValueError(f"unknown model {name!r}: expected one of {list(VARIANTS) + list(MONAI_ROWS)}.")
 
 
-def _peak_reset(device: torch.device) -> int:
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory held by tensors while ``fn`` runs, above what was held before, in MiB.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the running sum of the allocation and free events that
+    ``torch.profiler`` records (tensor bytes, like the CUDA figure; independent of the allocator's caching).
+    """
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _peak_read(device: torch.device, start: int) -> float:
-    if device.type == "cuda":
+        fn()
+        torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - start) / 2**20
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start, 0) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    held = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        held += event.self_cpu_memory_usage
+        peak = max(peak, held)
+    return peak / 2**20
 
 
 def _measure_model(name: str, spatial_dims: int, shape: Sequence[int], batch: int, device: str, repeats: int):
@@ -132,9 +151,8 @@ def _measure_model(name: str, spatial_dims: int, shape: Sequence[int], batch: in
         loss.backward()
         opt.step()
 
-    start = _peak_reset(dev)
-    train_step()
-    peak = _peak_read(dev, start)
+    train_step()  # warm-up: optimizer state and one-off buffers are not part of the step's peak
+    peak = peak_memory_mb(train_step, dev)
     return {
         "model": name,
         "params": params,
@@ -178,6 +196,35 @@ def _in_subprocess(fn, threads: int, *args):
     return fn(*args)
 
 
+def _isolated(fn, threads: int, *args):
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_in_subprocess, (fn, threads) + args)
+
+
+def measure_model(
+    name: str,
+    spatial_dims: int,
+    shape: Sequence[int],
+    batch_size: int,
+    device: str = "cpu",
+    threads: int = 2,
+    repeats: int = 5,
+) -> dict:
+    """Parameters, multiply-adds per pair, inference and training-step time and peak memory of one model,
+    measured in a fresh process.
+
+    Args:
+        name: a variant or a key of :data:`MONAI_ROWS`.
+        spatial_dims: 2 or 3.
+        shape: spatial shape of a pair.
+        batch_size: pairs per batch.
+        device: ``"cpu"`` or ``"cuda[:i]"``.
+        threads: CPU threads.
+        repeats: timed repetitions (median).
+    """
+    return _isolated(_measure_model, threads, name, spatial_dims, tuple(shape), batch_size, device, repeats)
+
+
 def benchmark(
     spatial_dims: int = 2,
     shape: Optional[Sequence[int]] = None,
@@ -209,14 +256,8 @@ def benchmark(
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise ValueError(f"unknown variants {bad}: expected a subset of {list(VARIANTS)}.")
-    ctx = mp.get_context("spawn")
-    models = []
-    for name in list(variants) + list(MONAI_ROWS):
-        with ctx.Pool(1) as pool:
-            args = (_measure_model, threads, name, spatial_dims, shape, batch, device, repeats)
-            models.append(pool.apply(_in_subprocess, args))
-    with ctx.Pool(1) as pool:
-        blocks = pool.apply(_in_subprocess, (_measure_blocks, threads, spatial_dims, shape, batch, device, repeats))
+    models = [measure_model(n, spatial_dims, shape, batch, device, threads, repeats) for n in [*variants, *MONAI_ROWS]]
+    blocks = _isolated(_measure_blocks, threads, spatial_dims, shape, batch, device, repeats)
     return {"models": models, "blocks": blocks}
 
 

@@ -206,11 +206,19 @@ class RegistrationWriter:
                 if "moving_label" in item:
                     warped_label = self.warp_labels(torch.as_tensor(item["moving_label"])[None], ddf)[0, 0]
             self._save(warped.numpy().reshape(shape), fixed, self.output_dir / f"{name}_warped.nii.gz", np.float32)
-            self._save(vector.numpy().reshape(shape + (ddf.shape[1],)), fixed,
-                       self.output_dir / f"{name}_ddf.nii.gz", np.float32)
+            self._save(
+                vector.numpy().reshape(shape + (ddf.shape[1],)),
+                fixed,
+                self.output_dir / f"{name}_ddf.nii.gz",
+                np.float32,
+            )
             if warped_label is not None:
-                self._save(warped_label.numpy().reshape(shape), fixed,
-                           self.output_dir / f"{name}_warped_label.nii.gz", np.int32)
+                self._save(
+                    warped_label.numpy().reshape(shape),
+                    fixed,
+                    self.output_dir / f"{name}_warped_label.nii.gz",
+                    np.int32,
+                )
 
 
 def run_or_exit(evaluator: Union[Engine, Callable[[], Engine]]) -> None:

@@ -4,8 +4,8 @@
 (16, 32, 32, 32), a decoder of 3x3 convs (32, 32, 32, 32) each followed by nearest x2 upsampling and
 concatenation of the encoder skip (the input pair at full resolution), three full-resolution convs
 (32, 16, 16) and a 3x3 flow conv initialised from N(0, 1e-5). Each upsample-concatenate-conv step runs as
-:class:`~custom.blocks.UpsampleConcatConv` (same parameters, a fraction of the work). Every conv but the flow conv is followed by
-LeakyReLU(0.2). The other variants change only where the UNet runs:
+:class:`~custom.blocks.UpsampleConcatConv` (same parameters, a fraction of the work). Every conv but the
+flow conv is followed by LeakyReLU(0.2). The other variants change only where the UNet runs:
 
 - ``maxpool``: the pair is max-pooled by 2 first, the UNet runs at half resolution per axis, and the flow is
   upsampled back (linear interpolation, no conv) and multiplied by 2 so it stays in full-resolution voxels.
@@ -24,9 +24,19 @@ from torch import nn
 from custom.blocks import UpsampleConcatConv
 from custom.warp import SpatialTransformer, VelocityIntegration
 
-__all__ = ["VARIANTS", "RegistrationNet", "VxmDense", "check_spatial_dims", "count_parameters"]
+__all__ = [
+    "VARIANTS",
+    "VXM2_DEC_CHANNELS",
+    "VXM2_ENC_CHANNELS",
+    "RegistrationNet",
+    "VxmDense",
+    "check_spatial_dims",
+    "count_parameters",
+]
 
 VARIANTS = ("baseline", "maxpool", "reduced", "both")
+VXM2_ENC_CHANNELS = (16, 32, 32, 32)
+VXM2_DEC_CHANNELS = (32, 32, 32, 32, 32, 16, 16)
 
 
 def check_spatial_dims(spatial_dims: int) -> int:
@@ -89,8 +99,8 @@ class RegistrationNet(nn.Module):
         self,
         spatial_dims: int,
         variant: str = "baseline",
-        enc_channels: Sequence[int] = (16, 32, 32, 32),
-        dec_channels: Sequence[int] = (32, 32, 32, 32, 32, 16, 16),
+        enc_channels: Sequence[int] = VXM2_ENC_CHANNELS,
+        dec_channels: Sequence[int] = VXM2_DEC_CHANNELS,
         integration_steps: int = 0,
     ) -> None:
         super().__init__()
@@ -221,8 +231,8 @@ class VxmDense(nn.Module):
         self,
         spatial_dims: int,
         variant: str = "baseline",
-        enc_channels: Sequence[int] = (16, 32, 32, 32),
-        dec_channels: Sequence[int] = (32, 32, 32, 32, 32, 16, 16),
+        enc_channels: Sequence[int] = VXM2_ENC_CHANNELS,
+        dec_channels: Sequence[int] = VXM2_DEC_CHANNELS,
         integration_steps: int = 0,
         padding_mode: str = "zeros",
     ) -> None:

@@ -112,10 +112,10 @@ class WarpedNCC(Metric):
         output_transform: maps the engine output to ``(ddf, pair)``.
     """
 
-    def __init__(self, spatial_dims: int, kernel_size: int = 9, output_transform=from_engine(["pred", "label"])):
+    def __init__(self, spatial_dims: int, kernel_size: int = 9, output_transform=None):
         self.loss = LocalNCCLoss(spatial_dims, kernel_size, reduction="none")
         self.transformer = SpatialTransformer()
-        super().__init__(output_transform=output_transform)
+        super().__init__(output_transform=output_transform or from_engine(["pred", "label"]))
 
     @reinit__is_reduced
     def reset(self) -> None:

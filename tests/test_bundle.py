@@ -45,8 +45,12 @@ def run(cmd, cwd, check=True, timeout=600, **kwargs):
 def documented_commands(path: Path):
     """The commands of the ```bash blocks of a markdown file, in order."""
     text = path.read_text()
-    return [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines()
-            if line.strip() and not line.startswith("#")]
+    return [
+        line.strip()
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+        for line in block.splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
 
 
 def test_readme_commands_match_ci():
@@ -80,8 +84,11 @@ def test_documented_commands_end_to_end(tmp_path):
     assert {"model.pt", "model_final.pt", "model.ts"} <= {p.name for p in models.iterdir()}
     assert (ws / "runs" / "evaluate" / "metrics.csv").read_text().startswith("moving,fixed,lncc,mse")
     written = sorted(p.name for p in (ws / "runs" / "inference").iterdir())
-    assert written == ["OASIS_OAS1_0002_MR1_slice_norm_ddf.nii.gz", "OASIS_OAS1_0002_MR1_slice_norm_warped.nii.gz",
-                       "OASIS_OAS1_0002_MR1_slice_norm_warped_label.nii.gz"]
+    assert written == [
+        "OASIS_OAS1_0002_MR1_slice_norm_ddf.nii.gz",
+        "OASIS_OAS1_0002_MR1_slice_norm_warped.nii.gz",
+        "OASIS_OAS1_0002_MR1_slice_norm_warped_label.nii.gz",
+    ]
     # the scripted export gives the checkpoint's output
     net = RegistrationNet(2, "both").eval()
     net.load_state_dict(torch.load(models / "model.pt", weights_only=True))
@@ -101,12 +108,26 @@ def test_inference_folder_and_csv_carry_fixed_geometry(tmp_path):
     for name in ("OASIS_OAS1_0002_MR1", "OASIS_OAS1_0003_MR1"):
         (ws / "moving" / f"{name[-7:-4]}.nii.gz").write_bytes((subj / name / "aligned_norm.nii.gz").read_bytes())
     fixed_path = subj / "OASIS_OAS1_0001_MR1" / "aligned_norm.nii.gz"
-    base = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/inference.json",
-            "--spatial_dims", "3", "--model_path", "model.pt"]
+    base = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "bundle/configs/inference.json",
+        "--spatial_dims",
+        "3",
+        "--model_path",
+        "model.pt",
+    ]
     run(base + ["--moving", "moving", "--fixed", str(fixed_path), "--output_dir", "out"], cwd=ws)
     fixed = nib.load(fixed_path)
     assert sorted(p.name for p in (ws / "out").iterdir()) == [
-        "002_ddf.nii.gz", "002_warped.nii.gz", "003_ddf.nii.gz", "003_warped.nii.gz"]
+        "002_ddf.nii.gz",
+        "002_warped.nii.gz",
+        "003_ddf.nii.gz",
+        "003_warped.nii.gz",
+    ]
     warped, ddf = nib.load(ws / "out" / "002_warped.nii.gz"), nib.load(ws / "out" / "002_ddf.nii.gz")
     assert warped.shape == fixed.shape and ddf.shape == fixed.shape + (3,)
     assert (warped.affine == fixed.affine).all() and warped.header.get_zooms() == fixed.header.get_zooms()
@@ -133,13 +154,29 @@ def infer_ws(tmp_path_factory):
 S1, S2 = "data/demo/OASIS_OAS1_0001_MR1", "data/demo/OASIS_OAS1_0002_MR1"
 BAD_INFERENCE = [
     # (arguments, message)
-    (["--moving", f"{S2}/nothing.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"], "moving file .* does not exist"),  # file
-    (["--moving", f"{S2}/aligned_norm.nii.gz", "--fixed", f"{S1}/aligned_norm.nii.gz"],
-     r"has shape \[24, 28, 20\], but the model registers 2-D images"),  # 3D volumes for a 2D model
-    (["--moving", f"{S2}/slice_norm.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz", "--moving_label",
-      f"{S2}/aligned_seg4.nii.gz"], "moving_label .* but the model registers 2-D"),  # label of another shape
-    (["--moving", f"{S2}/slice_norm.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz", "--model_path", "maxpool.pt"],
-     "checkpoint is for a 2D 'maxpool'.*this network is 2D 'both'"),  # checkpoint of another variant
+    (
+        ["--moving", f"{S2}/nothing.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"],
+        "moving file .* does not exist",
+    ),  # file
+    (
+        ["--moving", f"{S2}/aligned_norm.nii.gz", "--fixed", f"{S1}/aligned_norm.nii.gz"],
+        r"has shape \[24, 28, 20\], but the model registers 2-D images",
+    ),  # 3D volumes for a 2D model
+    (
+        [
+            "--moving",
+            f"{S2}/slice_norm.nii.gz",
+            "--fixed",
+            f"{S1}/slice_norm.nii.gz",
+            "--moving_label",
+            f"{S2}/aligned_seg4.nii.gz",
+        ],
+        "moving_label .* but the model registers 2-D",
+    ),  # label of another shape
+    (
+        ["--moving", f"{S2}/slice_norm.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz", "--model_path", "maxpool.pt"],
+        "checkpoint is for a 2D 'maxpool'.*this network is 2D 'both'",
+    ),  # checkpoint of another variant
     (["--fixed", f"{S1}/slice_norm.nii.gz"], "give --moving and --fixed"),  # no moving image
 ]
 
@@ -147,8 +184,18 @@ BAD_INFERENCE = [
 @pytest.mark.parametrize("args,message", BAD_INFERENCE)
 def test_bad_inference_inputs(infer_ws, args, message):
     out = infer_ws / "bad_out"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/inference.json",
-           "--model_path", "both.pt", "--output_dir", str(out)] + args
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "bundle/configs/inference.json",
+        "--model_path",
+        "both.pt",
+        "--output_dir",
+        str(out),
+    ] + args
     proc = run(cmd, cwd=infer_ws, check=False)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -162,17 +209,41 @@ def test_moving_fixed_shape_mismatch(infer_ws, tmp_path):
     import numpy as np
 
     nib.save(nib.Nifti1Image(np.zeros((24, 30, 1), np.float32), np.eye(4)), str(tmp_path / "wide.nii.gz"))
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/inference.json",
-           "--model_path", "both.pt", "--output_dir", str(tmp_path / "o"), "--moving", str(tmp_path / "wide.nii.gz"),
-           "--fixed", f"{S1}/slice_norm.nii.gz"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "bundle/configs/inference.json",
+        "--model_path",
+        "both.pt",
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--moving",
+        str(tmp_path / "wide.nii.gz"),
+        "--fixed",
+        f"{S1}/slice_norm.nii.gz",
+    ]
     proc = run(cmd, cwd=infer_ws, check=False)
     assert proc.returncode == 2 and "has shape [24, 30] but fixed" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_resume_after_sigkill(tmp_path):
     ws = workspace(tmp_path / "ws")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "bundle/configs/train.json",
-           "--epochs", "200", "--val_interval", "100"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "bundle/configs/train.json",
+        "--epochs",
+        "200",
+        "--val_interval",
+        "100",
+    ]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=ws, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     ckpt_dir = ws / "runs" / "train" / "checkpoints"

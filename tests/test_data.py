@@ -43,8 +43,13 @@ def test_demo_layout_and_determinism(demo, tmp_path):
     names = (demo / "subjects.txt").read_text().split()
     assert names[0] == "OASIS_OAS1_0001_MR1" and len(names) == 6
     files = sorted(p.name for p in (demo / names[0]).iterdir())
-    assert files == ["aligned_norm.nii.gz", "aligned_orig.nii.gz", "aligned_seg4.nii.gz", "slice_norm.nii.gz",
-                     "slice_seg4.nii.gz"]
+    assert files == [
+        "aligned_norm.nii.gz",
+        "aligned_orig.nii.gz",
+        "aligned_seg4.nii.gz",
+        "slice_norm.nii.gz",
+        "slice_seg4.nii.gz",
+    ]
     img = nib.load(demo / names[0] / "aligned_norm.nii.gz").get_fdata()
     seg = np.asarray(nib.load(demo / names[0] / "aligned_seg4.nii.gz").dataobj)
     assert img.shape == TINY and 0 <= img.min() and img.max() <= 1
@@ -140,8 +145,13 @@ def test_slice_norm_equals_slicing_aligned_norm(real_data):
 
 
 def test_real_labels_survive_slicing(real_data):
-    subjects = [{"subject": "subject_c", "image": str(real_data / "subject_c" / "aligned_norm.nii.gz"),
-                 "label": str(real_data / "subject_c" / "aligned_aseg.nii.gz")}]
+    subjects = [
+        {
+            "subject": "subject_c",
+            "image": str(real_data / "subject_c" / "aligned_norm.nii.gz"),
+            "label": str(real_data / "subject_c" / "aligned_aseg.nii.gz"),
+        }
+    ]
     units = load_units(subjects, 2, slice_range=(100, 112))
     volume_labels = set(np.unique(np.asarray(nib.load(subjects[0]["label"]).dataobj)).tolist())
     assert len(units) == 12
@@ -206,10 +216,12 @@ BUILD_CASES = [(s, nd) for s in PAIR_STRATEGIES for nd in (2, 3) if (s, nd) != (
 
 @pytest.mark.parametrize("strategy,nd", BUILD_CASES)
 def test_every_strategy_builds_on_demo(demo, strategy, nd):
-    ds = build_pair_dataset(demo, "train", nd, strategy, num_val=1, num_test=1)
+    ds = build_pair_dataset(demo, "val", nd, strategy, num_val=2 if strategy != "orig_to_norm" else 1, num_test=1)
     item = ds[0]
     assert item["moving"].shape == item["fixed"].shape and item["moving"].dim() == nd + 1
     assert item["moving_label"].dtype == torch.int32
+    train = build_pair_dataset(demo, "train", nd, strategy, num_val=1, num_test=1)
+    assert train[0]["moving"].shape == item["moving"].shape and "moving_label" not in train[0]
 
 
 def test_train_pairs_redrawn_each_epoch_validation_fixed(demo):

@@ -8,6 +8,7 @@ label maps give Dice scores. Nothing here is derived from real scans.
 """
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ __all__ = ["DEMO_SHAPE", "SEG4_LABELS", "make_demo", "ensure_dataset"]
 DEMO_SHAPE = (80, 96, 112)
 SEG4_LABELS = {1: "cortex", 2: "subcortical grey matter", 3: "white matter", 4: "CSF"}
 _MARKER = "demo.json"
+logger = logging.getLogger(__name__)
 _AFFINE = np.diag([-1.0, 1.0, 1.0, 1.0])
 
 
@@ -152,5 +154,9 @@ def ensure_dataset(dataset_dir: Union[str, Path], **demo_options) -> str:
     """
     path = Path(dataset_dir)
     if not path.exists():
+        logger.warning(
+            "dataset_dir %r does not exist: writing the synthetic demo dataset there (for real data, check the path).",
+            str(path),
+        )
         make_demo(path, **demo_options)
     return str(path)

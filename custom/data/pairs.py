@@ -141,7 +141,9 @@ class PairDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Re-draw the random pairs for ``epoch`` (only when ``resample``); deterministic given the seed."""
         if self.resample:
-            self.pairs = make_pairs(self.units, self.strategy, random.Random(self.seed + epoch), self.offset, self.atlas)
+            self.pairs = make_pairs(
+                self.units, self.strategy, random.Random(self.seed + epoch), self.offset, self.atlas
+            )
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -237,7 +239,7 @@ def build_pair_dataset(
         spatial_dims: 2 (slices) or 3 (volumes).
         pair_strategy: one of :data:`PAIR_STRATEGIES`.
         image: the image file (``aligned_norm``; ``slice_norm`` for the release's 2-D slices).
-        label: label file, ``None``, or ``"auto"``.
+        label: label file, ``None``, or ``"auto"`` (ignored for ``"train"``, which never uses labels).
         num_val: validation subjects (fraction or count).
         num_test: test subjects (fraction or count).
         seed: split and pair seed.
@@ -256,6 +258,8 @@ def build_pair_dataset(
     if split not in ("train", "val", "test", "all"):
         raise ValueError(f"split must be 'train', 'val', 'test' or 'all', got {split!r}.")
     extra = ("aligned_orig",) if pair_strategy == "orig_to_norm" else ()
+    if split == "train":
+        label = None  # training is unsupervised: labels would only take cache memory
     subjects = find_subjects(dataset_dir, image, label, extra)
     for s in subjects:
         if "aligned_orig" in s:

@@ -1,0 +1,297 @@
+"""The paper's variant comparison, with registration accuracy, in one command.
+
+For each similarity loss and each variant: train with the bundle's ``train.json`` (same data, loss, epochs or
+wall-clock budget), evaluate the test split with ``evaluate.json``, measure size, speed and memory, draw the
+figures, and write ``<output_dir>/<run>/report.md``.
+"""
+
+import json
+import shlex
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from ignite.engine import Events
+from ignite.handlers import TimeLimit
+
+from custom.benchmark import machine_description, measure_model, multiply_adds
+from custom.io import atomic_write_text
+from custom.networks import VARIANTS, RegistrationNet, check_spatial_dims, count_parameters
+
+__all__ = ["DEFAULT_SMOOTH_WEIGHT", "bundle_dir", "bundle_workflow", "run_study"]
+
+DEFAULT_SMOOTH_WEIGHT = {"lncc": 1.0, "mse": 0.01}  # VoxelMorph's recommended regularisation per similarity
+
+
+def bundle_dir() -> Path:
+    """The bundle folder next to the ``custom`` package (an editable install or a source checkout)."""
+    return Path(__file__).resolve().parents[1] / "bundle"
+
+
+def _as_list(value: Union[str, Sequence[str]]) -> List[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+
+
+def bundle_workflow(configs: Sequence[str], run_id: str, overrides: dict):
+    """A MONAI ``ConfigWorkflow`` of the bundle's ``configs`` (merged in order) with ``overrides``."""
+    from monai.bundle import ConfigWorkflow
+
+    paths = [str(bundle_dir() / "configs" / c) for c in configs]
+    meta = str(bundle_dir() / "configs" / "metadata.json")
+    return ConfigWorkflow(paths, meta_file=meta, logging_file=False, run_id=run_id, **overrides)
+
+
+def _train(overrides: dict, max_minutes: Optional[float]) -> dict:
+    """Train one run; returns wall time, mean seconds per iteration and the per-epoch mean loss curve."""
+    workflow = bundle_workflow(["train.json"], "training", overrides)
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    record = {"step_s": [], "losses": [], "curve": []}
+    started = [0.0]
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: started.__setitem__(0, time.perf_counter()))
+
+    def _done(engine):
+        record["step_s"].append(time.perf_counter() - started[0])
+        output = engine.state.output
+        record["losses"].append(float((output[0] if isinstance(output, list) else output)["loss"]))
+
+    def _epoch(engine):
+        record["curve"].append(sum(record["losses"]) / max(len(record["losses"]), 1))
+        record["losses"].clear()
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, _done)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, _epoch)
+    if max_minutes:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(max(1, int(max_minutes * 60))))
+    start = time.perf_counter()
+    workflow.run()
+    wall = time.perf_counter() - start
+    workflow.finalize()
+    steps = record["step_s"][1:] or record["step_s"]  # the first step includes warm-up
+    return {
+        "train_s": wall,
+        "step_s": sum(steps) / max(len(steps), 1),
+        "curve": record["curve"],
+        "epochs": len(record["curve"]),
+    }
+
+
+def _evaluate(overrides: dict, eval_dir: Path, figures_dir: Path, spatial_dims: int, variant: str, steps: int):
+    """Evaluate the best checkpoint on the evaluation split; draw the figures; return the summary."""
+    from custom.plots import display
+
+    workflow = bundle_workflow(["train.json", "evaluate.json"], "evaluating", {**overrides, "eval_dir": str(eval_dir)})
+    workflow.initialize()
+    workflow.run()
+    dataset = workflow.parser.get_parsed_content("validate#dataset")
+    workflow.finalize()
+    model_path = Path(overrides["ckpt_dir"]) / "model.pt"
+    display(RegistrationNet(spatial_dims, variant, integration_steps=steps), dataset, figures_dir, model_path)
+    item = dataset[0]
+    return json.loads((eval_dir / "summary.json").read_text()), tuple(item["moving"].shape[1:])
+
+
+def _identity(common: dict, out: Path, eval_split: str, spatial_dims: int) -> dict:
+    """Metrics of no registration (a zero field: a network whose flow conv is all zeros), for reference."""
+    net = RegistrationNet(spatial_dims, "both")
+    with torch.no_grad():
+        net.flow.weight.zero_()
+        net.flow.bias.zero_()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), out / "model.pt")
+    overrides = {**common, "variant": "both", "integration_steps": 0, "ckpt_dir": str(out), "eval_split": eval_split}
+    return _evaluate(overrides, out / "eval", out, spatial_dims, "both", 0)[0]
+
+
+def _max_batch(variant: str, spatial_dims: int, shape, device: str, budget_mb: float, threads: int) -> dict:
+    """Peak training-step memory at batch 1 and 2 (each in a fresh process), extrapolated linearly to the
+    largest batch that fits ``budget_mb``."""
+    one = measure_model(variant, spatial_dims, shape, 1, device, threads, repeats=1)
+    two = measure_model(variant, spatial_dims, shape, 2, device, threads, repeats=1)
+    per_item = max(two["peak_mb"] - one["peak_mb"], 1e-3)
+    base = one["peak_mb"] - per_item
+    return {"peak_mb_1": one["peak_mb"], "max_batch": max(int((budget_mb - base) // per_item), 0)}
+
+
+def _command() -> str:
+    """The command line that made the report (``python -m custom ...`` when run as a module)."""
+    prog = "python -m custom" if sys.argv[0].endswith("__main__.py") else Path(sys.argv[0]).name
+    return " ".join([prog] + [shlex.quote(a) for a in sys.argv[1:]])
+
+
+def _fmt(summary: dict, key: str, digits: int = 3, sd: bool = False) -> str:
+    if key not in summary:
+        return "n/a"
+    entry = summary[key]
+    return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}" if sd else f"{entry['mean']:.{digits}f}"
+
+
+def run_study(
+    dataset_dir: str = "data/demo",
+    output_dir: str = "results",
+    run_name: Optional[str] = None,
+    spatial_dims: int = 2,
+    variants: Union[str, Sequence[str]] = VARIANTS,
+    losses: Union[str, Sequence[str]] = ("lncc",),
+    epochs: int = 10,
+    max_minutes: Optional[float] = None,
+    batch_size: int = 8,
+    learning_rate: float = 1e-3,
+    smooth_weight: Optional[float] = None,
+    integration_steps: int = 0,
+    image: str = "aligned_norm",
+    label: str = "auto",
+    num_val: float = 0.2,
+    num_test: float = 0.2,
+    val_split: str = "val",
+    eval_split: str = "test",
+    device: Optional[str] = None,
+    memory_budget_mb: float = 4096,
+    threads: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Train, evaluate and compare the variants; write ``<output_dir>/<run_name>/report.md`` and figures.
+
+    Args:
+        dataset_dir: a neurite-OASIS-style root (the demo data is generated there when it is missing).
+        output_dir: parent of the run folder.
+        run_name: the run folder; default ``study-<timestamp>``.
+        spatial_dims: 2 (slices) or 3 (volumes).
+        variants: variants to compare (comma-separated or a list).
+        losses: similarity losses, each a separate comparison (``"lncc"``, ``"mse"`` or ``"mse,lncc"``).
+        epochs: epochs per run (the same budget for every variant).
+        max_minutes: optional wall-clock budget per run, in minutes.
+        batch_size: training batch size.
+        learning_rate: Adam learning rate.
+        smooth_weight: smoothness weight; default 1.0 for LNCC and 0.01 for MSE.
+        integration_steps: 0, or the scaling-and-squaring steps of the diffeomorphic variant.
+        image: image file name of the dataset.
+        label: label file name, ``"auto"`` or ``None``.
+        num_val: validation subjects (fraction or count).
+        num_test: test subjects (fraction or count).
+        val_split: split validated on during training (``"all"`` for tiny datasets).
+        eval_split: split evaluated (``"test"``, ``"val"`` or ``"all"``).
+        device: ``"cpu"`` or ``"cuda"``; default CUDA when available.
+        memory_budget_mb: memory budget for the "max batch" column.
+        threads: CPU threads.
+        seed: data split, pairing and initialisation seed.
+
+    Returns:
+        The report path.
+    """
+    spatial_dims = check_spatial_dims(spatial_dims)
+    variants, losses = _as_list(variants), _as_list(losses)
+    bad = [v for v in variants if v not in VARIANTS] + [s for s in losses if s not in DEFAULT_SMOOTH_WEIGHT]
+    if bad or not variants or not losses:
+        raise ValueError(
+            f"variants must be among {list(VARIANTS)} and losses among "
+            f"{list(DEFAULT_SMOOTH_WEIGHT)}; got variants={variants}, losses={losses}."
+        )
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}.")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(threads)
+    run_dir = Path(output_dir) / (run_name or datetime.now().strftime("study-%Y%m%d-%H%M%S"))
+    rows: List[dict] = []
+    curves: Dict[str, Dict[str, List[float]]] = {}
+    common = {
+        "dataset_dir": dataset_dir,
+        "spatial_dims": spatial_dims,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "integration_steps": integration_steps,
+        "image": image,
+        "label": label,
+        "num_val": num_val,
+        "num_test": num_test,
+        "seed": seed,
+        "device": f"$torch.device('{device}')",
+        "validate#dataset": f"$custom.data.build_pair_dataset(split='{val_split}', **@dataset_options)",
+    }
+    identity = _identity(common, run_dir / "identity", eval_split, spatial_dims)
+    for loss in losses:
+        weight = DEFAULT_SMOOTH_WEIGHT[loss] if smooth_weight is None else smooth_weight
+        for variant in variants:
+            out = run_dir / loss / variant
+            overrides = {
+                **common,
+                "variant": variant,
+                "loss": loss,
+                "smooth_weight": weight,
+                "epochs": epochs,
+                "output_dir": str(out / "train"),
+                "ckpt_dir": str(out / "models"),
+            }
+            trained = _train(overrides, max_minutes)
+            summary, shape = _evaluate(
+                {**overrides, "eval_split": eval_split}, out / "eval", out, spatial_dims, variant, integration_steps
+            )
+            net = RegistrationNet(spatial_dims, variant, integration_steps=integration_steps)
+            memory = _max_batch(variant, spatial_dims, shape, device, memory_budget_mb, threads)
+            curves.setdefault(loss, {})[variant] = trained["curve"]
+            rows.append(
+                {
+                    "loss": loss,
+                    "variant": variant,
+                    "params": count_parameters(net),
+                    "macs": multiply_adds(net, torch.rand(1, 2, *shape)),
+                    **trained,
+                    **memory,
+                    "summary": summary,
+                }
+            )
+    return _write_report(run_dir, rows, identity, curves, spatial_dims, device, memory_budget_mb)
+
+
+def _write_report(
+    run_dir: Path, rows: List[dict], identity: dict, curves, spatial_dims: int, device: str, budget: float
+) -> Path:
+    from custom.plots import plot_loss_curves
+
+    for loss, per_variant in curves.items():
+        plot_loss_curves(per_variant, run_dir / f"loss_curves_{loss}.png", ylabel=f"training loss ({loss})")
+    lines = [
+        f"# Variant study: {run_dir.name}",
+        "",
+        f"Command: `{_command()}`",
+        "",
+        f"Machine: {machine_description(device)}; device {device}.",
+        "",
+        f"{spatial_dims}D. Train time is the whole run (training and validation); time per step is the mean "
+        "training iteration; peak memory is the tensor memory of a training step at batch 1; max batch is "
+        f"extrapolated linearly from batches 1 and 2 to a budget of {budget:.0f} MiB. LNCC, Dice and folding "
+        "are on the evaluation split (Dice over the labels present, mean ± sd over pairs).",
+        "",
+        "| loss | variant | params | MACs/pair (M) | epochs | train time (s) | time/step (s) | peak MiB (batch 1) "
+        "| max batch | LNCC | MSE | Dice | % folding | inference s/pair |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| - | none (identity) | - | - | - | - | - | - | - | {_fmt(identity, 'lncc')} | {_fmt(identity, 'mse', 4)} "
+        f"| {_fmt(identity, 'dice_mean', 3, sd=True)} | {_fmt(identity, 'nonpositive_percent')} | - |",
+    ]
+    for r in rows:
+        s = r["summary"]
+        lines.append(
+            f"| {r['loss']} | {r['variant']} | {r['params']:,} | {r['macs'] / 1e6:.1f} | {r['epochs']} "
+            f"| {r['train_s']:.1f} | {r['step_s']:.4f} | {r['peak_mb_1']:.0f} | {r['max_batch']} "
+            f"| {_fmt(s, 'lncc')} | {_fmt(s, 'mse', 4)} | {_fmt(s, 'dice_mean', 3, sd=True)} "
+            f"| {_fmt(s, 'nonpositive_percent')} | {_fmt(s, 'seconds', 4)} |"
+        )
+    lines += ["", "## Figures", ""]
+    lines += [f"![loss curves ({loss})](loss_curves_{loss}.png)" for loss in curves]
+    for r in rows:
+        prefix = f"{r['loss']}/{r['variant']}"
+        lines += [
+            "",
+            f"### {r['variant']} ({r['loss']})",
+            "",
+            f"![registration grid]({prefix}/registration_grid.png) ",
+            f"![deformation grid]({prefix}/deformation_grid.png) ![Jacobian]({prefix}/jacobian.png)",
+        ]
+    report = run_dir / "report.md"
+    atomic_write_text(report, "\n".join(lines) + "\n")
+    data = {"identity": identity, "runs": rows}
+    atomic_write_text(run_dir / "results.json", json.dumps(data, indent=4) + "\n")
+    return report
