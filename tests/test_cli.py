@@ -56,7 +56,7 @@ def test_help_for_each_command(ws, command):
 
 def test_documented_cli_commands_run(ws):
     """Every `python -m custom ...` command shown in bundle/docs/README.md, in a scratch copy of the layout."""
-    from tests.test_bundle import documented_commands
+    from test_bundle import documented_commands  # pytest puts tests/ on sys.path
 
     commands = [
         c for c in documented_commands(REPO / "bundle" / "docs" / "README.md") if c.startswith("python -m custom ")
