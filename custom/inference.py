@@ -105,7 +105,7 @@ class RegistrationPairs(torch.utils.data.Dataset):
     header: existence, dimensionality against ``spatial_dims``, equal moving/fixed/label shapes.
 
     Args:
-        pairs: from :func:`list_pairs`.
+        pairs: a callable returning the pairs (e.g. ``lambda: list_pairs(...)``), called on first use.
         spatial_dims: the model's.
     """
 

@@ -1,0 +1,69 @@
+import pytest
+import torch
+from ignite.engine import Engine
+
+from custom import RegistrationNet
+from custom.workflow import AtomicCheckpointSaver, PairLoss, WarpedNCC, latest_checkpoint, prepare_pair_batch
+
+
+def test_prepare_pair_batch_stacks_moving_then_fixed():
+    batch = {"moving": torch.zeros(2, 1, 4, 4), "fixed": torch.ones(2, 1, 4, 4)}
+    inputs, targets = prepare_pair_batch(batch, "cpu")
+    assert inputs.shape == (2, 2, 4, 4) and inputs is targets
+    assert inputs[:, 0].sum() == 0 and inputs[:, 1].sum() == 32
+
+
+@pytest.mark.parametrize(
+    "similarity,weight,expected",
+    [
+        ("lncc", 1.0, -1.0),  # identical images, zero field: LNCC -1, no smoothness penalty
+        ("mse", 0.01, 0.0),  # identical images: MSE 0
+    ],
+)
+def test_pair_loss_analytic(similarity, weight, expected):
+    image = torch.rand(2, 1, 16, 16)
+    loss = PairLoss(2, similarity, weight)(torch.zeros(2, 2, 16, 16), torch.cat([image, image], 1))
+    assert loss.item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_pair_loss_adds_weighted_smoothness():
+    image = torch.rand(1, 1, 16, 16)
+    ddf = torch.randn(1, 2, 16, 16)
+    pair = torch.cat([image, image], 1)
+    difference = PairLoss(2, "mse", 2.0)(ddf, pair) - PairLoss(2, "mse", 0.0)(ddf, pair)
+    from custom.losses import GradLoss
+
+    assert difference.item() == pytest.approx(2.0 * GradLoss()(ddf).item(), rel=1e-5)
+
+
+def test_pair_loss_bad_similarity():
+    with pytest.raises(ValueError, match="loss must be 'lncc' or 'mse', got 'ssim'"):
+        PairLoss(2, "ssim")
+
+
+def test_warped_ncc_metric_over_an_epoch():
+    image = torch.rand(3, 1, 16, 16)
+    outputs = [{"pred": torch.zeros(2, 16, 16), "label": torch.cat([image[i], image[i]], 0)} for i in range(3)]
+    engine = Engine(lambda e, b: outputs)  # a decollated output, as MONAI engines produce
+    WarpedNCC(2, 5).attach(engine, "ncc")
+    engine.run([0], max_epochs=1)
+    assert engine.state.metrics["ncc"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_latest_checkpoint_is_numeric(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    for epoch in (2, 9, 10):
+        (tmp_path / f"checkpoint_{epoch}.pt").write_bytes(b"")
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_10.pt")
+
+
+def test_atomic_saver_fixed_name_and_rotation(tmp_path):
+    net = RegistrationNet(2, "both")
+    engine = Engine(lambda e, b: None)
+    AtomicCheckpointSaver(str(tmp_path / "best"), {"network": net}, filename="model.pt").attach(engine)
+    AtomicCheckpointSaver(str(tmp_path / "resume"), {"network": net, "engine": engine}).attach(engine)
+    engine.run([0], max_epochs=3)
+    assert [p.name for p in (tmp_path / "best").iterdir()] == ["model.pt"]  # kept, not rotated away
+    assert [p.name for p in (tmp_path / "resume").iterdir()] == ["checkpoint_3.pt"]  # only the last one
+    state = torch.load(tmp_path / "best" / "model.pt", weights_only=True)
+    RegistrationNet(2, "both").load_state_dict(state)
