@@ -155,14 +155,16 @@ class MSELoss(nn.Module):
 
 
 class GradLoss(nn.Module):
-    """Finite-difference smoothness penalty of a displacement field.
+    """Finite-difference smoothness penalty of a displacement field, with VoxelMorph's meaning.
 
-    ``sum_d mean(|D_d u|^p)`` over the spatial axes ``d``, the mean taken over batch, components and voxels.
+    ``mean_d mean(|D_d u|^p)``: the mean over the spatial axes ``d`` of the mean over batch, components and
+    voxels, exactly VoxelMorph's ``Grad`` loss, so VoxelMorph's weights (1.0 with NCC, 0.01 with MSE) mean the
+    same here.
 
-    - ``differences="central"``, ``penalty="l2"``: ``D_d u = (u[i+1] - u[i-1]) / 2`` on the interior, which
-      is exactly ``monai.losses.DiffusionLoss`` (``mean`` and ``sum``).
-    - ``differences="forward"`` (default): ``D_d u = u[i+1] - u[i]`` as in VoxelMorph's ``Grad``. VoxelMorph
-      averages the axes instead of summing them, so its value is this one divided by ``spatial_dims``.
+    - ``differences="forward"`` (default): ``D_d u = u[i+1] - u[i]`` as in VoxelMorph.
+    - ``differences="central"``, ``penalty="l2"``: ``D_d u = (u[i+1] - u[i-1]) / 2`` on the interior.
+      ``monai.losses.DiffusionLoss`` sums the axes instead of averaging them: its ``mean`` is this value times
+      ``spatial_dims``; ``reduction="sum"`` (the sum over every axis and voxel) equals its ``sum``.
 
     Args:
         penalty: ``"l2"`` (squared differences) or ``"l1"`` (absolute differences).
@@ -224,5 +226,5 @@ class GradLoss(nn.Module):
         terms = [d * d if self.penalty == "l2" else d.abs() for d in self._diffs(ddf)]
         if self.reduction == "sum":
             return torch.stack([t.sum() for t in terms]).sum()
-        per_item = torch.stack([t.flatten(1).mean(1) for t in terms]).sum(0)
+        per_item = torch.stack([t.flatten(1).mean(1) for t in terms]).mean(0)
         return per_item.mean() if self.reduction == "mean" else per_item

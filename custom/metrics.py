@@ -1,14 +1,35 @@
-"""Registration accuracy and regularity: Dice per label, Jacobian determinant statistics.
+"""Registration accuracy and regularity, as papers report them: Dice per label, the mean Dice of the worst 30%
+of labels, HD95 per label, % folding and SDlogJ.
 
 ``monai.metrics.DiceMetric`` scores only label 1 when given single-channel label maps without ``num_classes``;
-here the label set is taken from the data (or given), and every label is scored. MONAI has no Jacobian metric.
+here the label set is taken from the data (or given), and every label is scored. HD95 is MONAI's
+``compute_hausdorff_distance`` per label. MONAI has no Jacobian metric: the determinant is computed here in
+closed form.
 """
 
+import math
+import statistics
 from typing import Dict, Optional, Sequence
 
 import torch
 
-__all__ = ["dice_per_label", "jacobian_determinant", "jacobian_stats"]
+__all__ = [
+    "dice_per_label",
+    "folding_stats",
+    "hd95_per_label",
+    "jacobian_determinant",
+    "jacobian_stats",
+    "label_scores",
+    "worst_mean",
+]
+
+
+def _labels(pred: torch.Tensor, target: torch.Tensor, labels: Optional[Sequence[int]]) -> Sequence[int]:
+    if pred.shape != target.shape:
+        raise ValueError(f"label maps must have the same shape, got {list(pred.shape)} and {list(target.shape)}.")
+    if labels is None:
+        labels = sorted((set(torch.unique(pred).tolist()) | set(torch.unique(target).tolist())) - {0})
+    return labels
 
 
 def dice_per_label(
@@ -27,26 +48,103 @@ def dice_per_label(
     Raises:
         ValueError: when the shapes differ.
     """
-    if pred.shape != target.shape:
-        raise ValueError(f"label maps must have the same shape, got {list(pred.shape)} and {list(target.shape)}.")
-    if labels is None:
-        labels = sorted((set(torch.unique(pred).tolist()) | set(torch.unique(target).tolist())) - {0})
     scores = {}
-    for label in labels:
+    for label in _labels(pred, target, labels):
         p, t = pred == label, target == label
         total = int(p.sum()) + int(t.sum())
         scores[int(label)] = 2.0 * int((p & t).sum()) / total if total else float("nan")
     return scores
 
 
+def hd95_per_label(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    labels: Optional[Sequence[int]] = None,
+    spacing: Optional[Sequence[float]] = None,
+) -> Dict[int, float]:
+    """Symmetric 95th-percentile Hausdorff distance between the surfaces of each label (MONAI's
+    ``compute_hausdorff_distance(percentile=95)``).
+
+    Args:
+        pred: integer label map ``(H, W[, D])``.
+        target: integer label map of the same shape.
+        labels: labels to score; default every non-zero label present in either map.
+        spacing: voxel size per axis (default 1: distances in voxels).
+
+    Returns:
+        ``{label: hd95}``; ``nan`` for a label missing from either map.
+
+    Raises:
+        ValueError: when the shapes differ.
+    """
+    from monai.metrics import compute_hausdorff_distance
+
+    scores = {}
+    for label in _labels(pred, target, labels):
+        p, t = pred == label, target == label
+        if not (p.any() and t.any()):
+            scores[int(label)] = float("nan")
+            continue
+        hd = compute_hausdorff_distance(
+            p[None, None], t[None, None], include_background=True, percentile=95, spacing=spacing
+        )
+        scores[int(label)] = float(hd)
+    return scores
+
+
+def worst_mean(scores: Dict[int, float], fraction: float = 0.3) -> float:
+    """Mean of the lowest ``fraction`` of the (non-nan) scores, at least one: "Dice of the worst 30% labels".
+
+    Raises:
+        ValueError: for a fraction outside ``(0, 1]``.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}.")
+    values = sorted(v for v in scores.values() if not math.isnan(v))
+    if not values:
+        return float("nan")
+    worst = values[: max(1, math.ceil(fraction * len(values)))]
+    return sum(worst) / len(worst)
+
+
+def label_scores(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    labels: Optional[Sequence[int]] = None,
+    spacing: Optional[Sequence[float]] = None,
+) -> Dict[str, float]:
+    """The label metrics papers report for one pair.
+
+    Args:
+        pred: integer label map ``(H, W[, D])``, e.g. the warped moving labels.
+        target: integer label map of the same shape, e.g. the fixed labels.
+        labels: labels to score; default every non-zero label present in either map.
+        spacing: voxel size per axis, for HD95.
+
+    Returns:
+        ``dice_<label>`` per label, ``dice_mean`` (over the scored labels), ``dice_worst30`` (mean of the lowest
+        30%) and ``hd95_mean`` (mean over the labels present in both maps).
+    """
+    dice = dice_per_label(pred, target, labels)
+    valid = [v for v in dice.values() if not math.isnan(v)]
+    hd = [v for v in hd95_per_label(pred, target, labels, spacing).values() if not math.isnan(v)]
+    return {
+        **{f"dice_{k}": v for k, v in dice.items()},
+        "dice_mean": statistics.fmean(valid) if valid else float("nan"),
+        "dice_worst30": worst_mean(dice, 0.3),
+        "hd95_mean": statistics.fmean(hd) if hd else float("nan"),
+    }
+
+
 def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
-    """Jacobian determinant of the map ``x -> x + ddf(x)``, by central differences (one-sided at the borders).
+    """Jacobian determinant of the map ``x -> x + ddf(x)``, by central differences (one-sided at the borders),
+    in closed form (cofactors) in float32: a 160x192x224 field takes well under a second and no float64 copies.
 
     Args:
         ddf: ``(B, spatial_dims, H, W[, D])`` in voxels.
 
     Returns:
-        ``(B, H, W[, D])``; 1 for the identity, ``< = 0`` where the map folds.
+        ``(B, H, W[, D])``; 1 for the identity, ``<= 0`` where the map folds.
 
     Raises:
         ValueError: unless ``ddf`` is a 2-D/3-D field with one component per axis and every size >= 2.
@@ -56,22 +154,33 @@ def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected ddf of shape (B, spatial_dims, *spatial) with 2 or 3 dims, got {list(ddf.shape)}.")
     if min(ddf.shape[2:]) < 2:
         raise ValueError(f"every spatial size must be >= 2, got {list(ddf.shape[2:])}.")
-    grads = torch.gradient(ddf.double(), dim=list(range(2, 2 + nd)))  # d ddf_i / d x_j, for each j
-    jac = torch.stack(grads, dim=2)  # (B, i, j, *S)
-    jac = jac + torch.eye(nd, dtype=jac.dtype, device=jac.device).view(1, nd, nd, *([1] * nd))
-    return torch.linalg.det(jac.movedim(1, -1).movedim(1, -1)).to(ddf.dtype)
+    # j[i][k] = d x'_i / d x_k = delta_ik + d ddf_i / d x_k
+    grads = torch.gradient(ddf.float(), dim=list(range(2, 2 + nd)))
+    j = [[grads[k][:, i] + (1.0 if i == k else 0.0) for k in range(nd)] for i in range(nd)]
+    if nd == 2:
+        return j[0][0] * j[1][1] - j[0][1] * j[1][0]
+    return (
+        j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+        - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+        + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])
+    )
 
 
 def jacobian_stats(ddf: torch.Tensor) -> Dict[str, float]:
-    """Folding and regularity of a displacement field.
+    """Folding and regularity of a displacement field ``(B, spatial_dims, H, W[, D])``: :func:`folding_stats`
+    of its :func:`jacobian_determinant`."""
+    return folding_stats(jacobian_determinant(ddf))
+
+
+def folding_stats(det: torch.Tensor) -> Dict[str, float]:
+    """Folding and regularity from a Jacobian-determinant map (ours, or another tool's).
 
     Returns:
-        ``nonpositive_percent``: % of voxels with Jacobian determinant ``<= 0``; ``log_jacobian_std``: standard
-        deviation of ``log(J)`` over voxels with ``J > 0``.
+        ``nonpositive_percent``: % of voxels with Jacobian determinant ``<= 0`` (% folding);
+        ``log_jacobian_std``: SDlogJ, the standard deviation of ``log(J)`` over voxels with ``J > 0``.
     """
-    det = jacobian_determinant(ddf)
     positive = det[det > 0]
     return {
-        "nonpositive_percent": 100.0 * float((det <= 0).double().mean()),
+        "nonpositive_percent": 100.0 * float((det <= 0).float().mean()),
         "log_jacobian_std": float(positive.log().std()) if positive.numel() > 1 else float("nan"),
     }

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from custom.metrics import dice_per_label, jacobian_determinant, jacobian_stats
+from custom.metrics import dice_per_label, hd95_per_label, jacobian_determinant, jacobian_stats, worst_mean
 
 
 def test_identical_label_maps_dice_one():
@@ -65,6 +65,72 @@ def test_affine_field_known_jacobian(matrix, expected):
 def test_bad_jacobian_inputs(args, message):
     with pytest.raises(ValueError, match=message):
         jacobian_determinant(*args)
+
+
+def slow_jacobian_determinant(ddf):
+    """Reference: the float64 Jacobian matrix of every voxel, and torch.linalg.det of it."""
+    nd = ddf.dim() - 2
+    grads = torch.gradient(ddf.double(), dim=list(range(2, 2 + nd)))
+    jac = torch.stack(grads, dim=2) + torch.eye(nd, dtype=torch.float64).view(1, nd, nd, *([1] * nd))
+    return torch.linalg.det(jac.movedim(1, -1).movedim(1, -1))
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 9, 11), (1, 3, 6, 7, 8)])
+def test_jacobian_closed_form_equals_reference(shape):
+    ddf = 1.5 * torch.randn(shape)  # rough enough to fold in places
+    det = jacobian_determinant(ddf)
+    assert det.dtype == torch.float32
+    torch.testing.assert_close(det.double(), slow_jacobian_determinant(ddf), atol=1e-4, rtol=1e-4)
+    assert (det <= 0).any() and (det > 0).any()
+
+
+def test_jacobian_stats_hand_computed():
+    # 2D field whose first component is 0.5 * x0**2: J = 1 + x0 along axis 0 (central differences are exact
+    # for a quadratic inside; one-sided at the borders)
+    x0 = torch.arange(-3.0, 4.0).view(1, 1, 7, 1).expand(1, 1, 7, 5)
+    ddf = torch.cat([0.5 * x0**2, torch.zeros_like(x0)], 1)
+    det = jacobian_determinant(ddf)[0, :, 0]
+    torch.testing.assert_close(det, torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0, 3.0, 3.5]))
+    stats = jacobian_stats(ddf)
+    assert stats["nonpositive_percent"] == pytest.approx(100 * 3 / 7)  # -1.5, -1 and 0 fold
+    expected = torch.tensor([1.0, 2.0, 3.0, 3.5]).log().repeat(5).std()
+    assert stats["log_jacobian_std"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_hd95_hand_computed():
+    # two squares 4 px apart along axis 0: every surface point is 4 px (or more, for the far side) away
+    a = torch.zeros(20, 20, dtype=torch.int32)
+    b = torch.zeros(20, 20, dtype=torch.int32)
+    a[2:6, 2:6] = 1
+    b[6:10, 2:6] = 1
+    b[15:17, 15:17] = 2  # only in one map: no distance
+    scores = hd95_per_label(a, b)
+    assert scores[1] == pytest.approx(4.0) and math.isnan(scores[2])
+    assert hd95_per_label(a, a)[1] == 0.0
+    # spacing scales distances along its axis
+    assert hd95_per_label(a, b, labels=[1], spacing=[0.5, 1.0])[1] == pytest.approx(2.0)
+
+
+WORST_CASES = [
+    # (scores, fraction, expected)
+    ({1: 0.9, 2: 0.5, 3: 0.7}, 0.3, 0.5),  # ceil(0.9) = 1 worst label
+    ({i: i / 10 for i in range(1, 11)}, 0.3, 0.2),  # 3 worst of 10: 0.1, 0.2, 0.3
+    ({1: 0.8, 2: float("nan")}, 0.3, 0.8),  # nan ignored
+    ({1: float("nan")}, 0.3, float("nan")),  # nothing scored
+]
+
+
+@pytest.mark.parametrize("scores,fraction,expected", WORST_CASES)
+def test_worst_mean(scores, fraction, expected):
+    value = worst_mean(scores, fraction)
+    assert (math.isnan(value) and math.isnan(expected)) or value == pytest.approx(expected)
+
+
+def test_bad_metric_inputs():
+    with pytest.raises(ValueError, match="fraction must be in"):
+        worst_mean({1: 0.5}, 0.0)
+    with pytest.raises(ValueError, match="same shape"):
+        hd95_per_label(torch.zeros(2, 2), torch.zeros(2, 3))
 
 
 def test_bad_dice_inputs():
