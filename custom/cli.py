@@ -1,4 +1,5 @@
-"""``python -m custom <command>`` (or ``vxm-lite <command>``): register, plot, evaluate, benchmark, make-demo, study.
+"""``python -m custom <command>`` (or ``vxm-lite <command>``): register, plot, evaluate, benchmark, make-demo, study,
+accuracy, pretrain.
 
 Each command runs the same code as the bundle (its configs or the functions they call). Bad arguments and bad
 input stop with one ``error:`` line and exit code 2.
@@ -10,7 +11,10 @@ from typing import Optional, Sequence
 
 import fire
 
-from custom.study import bundle_workflow, run_study
+from custom.accuracy import run_accuracy
+from custom.errors import exit_on_user_error
+from custom.pretrained import pretrain
+from custom.study import bundle_dir, bundle_workflow, run_study
 
 __all__ = ["Commands", "main"]
 
@@ -22,6 +26,15 @@ def _run_workflow(configs: Sequence[str], run_id: str, overrides: dict) -> None:
     workflow.finalize()
 
 
+def _evaluation_options(args: dict) -> dict:
+    """Bundle overrides of ``evaluate`` / ``plot``: the model, the split and the data, named as in the configs."""
+    if not Path(args["model_path"]).is_file():
+        raise FileNotFoundError(f"model file {args['model_path']!r} does not exist; train first or pass --model_path.")
+    renamed = {"split": "eval_split", "output_dir": "eval_dir"}
+    skip = ("self", "num_pairs")
+    return {renamed.get(k, k): v for k, v in args.items() if k not in skip}
+
+
 class Commands:
     """Fast, reduced-parameter VoxelMorph registration (MONAI bundle tools)."""
 
@@ -31,11 +44,17 @@ class Commands:
         fixed: Optional[str] = None,
         moving_label: Optional[str] = None,
         pairs: Optional[str] = None,
-        model_path: str = "bundle/models/model.pt",
+        model_path: Optional[str] = None,
         spatial_dims: int = 2,
         variant: str = "both",
         integration_steps: int = 0,
         output_dir: str = "runs/inference",
+        ddf_format: str = "itk",
+        resample: bool = False,
+        loss: str = "lncc",
+        refine_steps: int = 10,
+        refine_lr: float = 0.2,
+        refine_smooth_weight: float = 1.0,
     ) -> str:
         """Register NIfTI pairs with a trained model, as the bundle's inference config does.
 
@@ -44,27 +63,20 @@ class Commands:
             fixed: fixed image.
             moving_label: optional label map of the moving image (warped by nearest neighbour).
             pairs: instead of moving/fixed, a CSV with columns moving,fixed[,moving_label].
-            model_path: the trained weights.
+            model_path: the trained weights; default the shipped pretrained model of spatial_dims and variant.
             spatial_dims: 2 or 3, as the model was trained.
             variant: the model's variant.
             integration_steps: the model's integration steps.
-            output_dir: where <name>_warped / _ddf / _warped_label .nii.gz go.
+            output_dir: where <moving>__to__<fixed>_warped / _ddf / _warped_label .nii.gz and pairs_out.csv go.
+            ddf_format: itk (a displacement field ITK/ANTs/Slicer apply: LPS mm, intent vector) or voxel.
+            resample: resample moving images (and labels) onto the fixed grid when their geometry differs.
+            loss: the training similarity (lncc or mse), used by the refinement.
+            refine_steps: test-time refinement steps per pair (0: the network's field as it is).
+            refine_lr: refinement learning rate (voxels per step).
+            refine_smooth_weight: refinement smoothness weight.
         """
-        _run_workflow(
-            ["inference.json"],
-            "run",
-            {
-                "moving": moving,
-                "fixed": fixed,
-                "moving_label": moving_label,
-                "pairs": pairs,
-                "model_path": model_path,
-                "spatial_dims": spatial_dims,
-                "variant": variant,
-                "integration_steps": integration_steps,
-                "output_dir": output_dir,
-            },
-        )
+        options = {k: v for k, v in locals().items() if k != "self" and not (k == "model_path" and v is None)}
+        _run_workflow(["inference.json"], "run", {**options, "bundle_root": str(bundle_dir())})
         return output_dir
 
     def evaluate(
@@ -73,33 +85,49 @@ class Commands:
         model_path: str = "bundle/models/model.pt",
         spatial_dims: int = 2,
         variant: str = "both",
+        integration_steps: int = 0,
         split: str = "test",
+        image: str = "aligned_norm",
+        label: Optional[str] = "auto",
+        pair_strategy: str = "inter_subject",
+        atlas: Optional[str] = None,
+        num_val: float = 0.2,
+        num_test: float = 0.2,
+        seed: int = 0,
         output_dir: str = "runs/evaluate",
+        loss: str = "lncc",
+        refine_steps: int = 10,
+        refine_lr: float = 0.2,
+        refine_smooth_weight: float = 1.0,
     ) -> str:
-        """Evaluate a trained model on a split: metrics.csv and summary.json/.md (LNCC, MSE, Dice, folding).
+        """Evaluate a trained model on a split: metrics.csv and summary.json/.md (LNCC, MSE, Dice, worst-30% Dice,
+        HD95, folding, SDlogJ, seconds per pair). The split and model options must be the training run's.
 
         Args:
             dataset_dir: a neurite-OASIS-style root.
             model_path: the trained weights.
             spatial_dims: 2 or 3, as the model was trained.
             variant: the model's variant.
+            integration_steps: the model's integration steps.
             split: test, val, train or all.
+            image: the image file of each subject.
+            label: the label file (aligned_seg35, ...), "auto" (the finest every subject has) or None.
+            pair_strategy: inter_subject, atlas, intra_volume or orig_to_norm.
+            atlas: the fixed subject for pair_strategy atlas.
+            num_val: validation subjects (fraction or count), as in training.
+            num_test: test subjects (fraction or count), as in training.
+            seed: the split seed, as in training.
             output_dir: where the files go.
+            loss: the training similarity (lncc or mse), used by the refinement.
+            refine_steps: test-time refinement steps per pair (0: the network alone).
+            refine_lr: refinement learning rate (voxels per step).
+            refine_smooth_weight: refinement smoothness weight.
         """
-        if not Path(model_path).is_file():
-            raise FileNotFoundError(f"model file {model_path!r} does not exist; train first or pass --model_path.")
-        _run_workflow(
-            ["train.json", "evaluate.json"],
-            "evaluating",
-            {
-                "dataset_dir": dataset_dir,
-                "model_path": model_path,
-                "spatial_dims": spatial_dims,
-                "variant": variant,
-                "eval_split": split,
-                "eval_dir": output_dir,
-            },
-        )
+        from custom.refine import check_refine_options
+
+        check_refine_options(refine_steps, refine_lr, refine_smooth_weight)
+        options = _evaluation_options(locals())
+        _run_workflow(["train.json", "evaluate.json"], "evaluating", options)
         return str(Path(output_dir) / "summary.md")
 
     def plot(
@@ -108,28 +136,41 @@ class Commands:
         model_path: str = "bundle/models/model.pt",
         spatial_dims: int = 2,
         variant: str = "both",
+        integration_steps: int = 0,
         split: str = "test",
+        image: str = "aligned_norm",
+        label: Optional[str] = "auto",
+        pair_strategy: str = "inter_subject",
+        atlas: Optional[str] = None,
+        num_val: float = 0.2,
+        num_test: float = 0.2,
+        seed: int = 0,
         output_dir: str = "runs/plots",
         num_pairs: int = 4,
-    ) -> list:
-        """Draw the 3x4 registration grid, a deformation grid and a Jacobian map for pairs of a split.
+    ) -> str:
+        """Draw the 3x4 registration grid, a deformation grid and a Jacobian map for pairs of a split (the
+        network's fields, no refinement).
 
         Args:
             dataset_dir: a neurite-OASIS-style root.
             model_path: the trained weights.
             spatial_dims: 2 or 3, as the model was trained.
             variant: the model's variant.
+            integration_steps: the model's integration steps.
             split: test, val, train or all.
+            image: the image file of each subject.
+            label: the label file, "auto" or None.
+            pair_strategy: inter_subject, atlas, intra_volume or orig_to_norm.
+            atlas: the fixed subject for pair_strategy atlas.
+            num_val: validation subjects (fraction or count), as in training.
+            num_test: test subjects (fraction or count), as in training.
+            seed: the split seed, as in training.
             output_dir: where the PNGs go.
             num_pairs: columns of the grid.
         """
-        from custom.data import build_pair_dataset
-        from custom.networks import RegistrationNet
-        from custom.plots import display
-
-        dataset = build_pair_dataset(dataset_dir, split, spatial_dims)
-        paths = display(RegistrationNet(spatial_dims, variant), dataset, output_dir, model_path, num_pairs)
-        return [str(p) for p in paths]
+        options = _evaluation_options(locals())
+        _run_workflow(["train.json", "evaluate.json"], "display", {**options, "plot_pairs": num_pairs})
+        return output_dir
 
     def benchmark(
         self,
@@ -186,12 +227,15 @@ class Commands:
         return str(make_demo(directory, num_subjects, tuple(shape), seed))
 
     study = staticmethod(run_study)
+    accuracy = staticmethod(run_accuracy)
+    pretrain = staticmethod(pretrain)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point."""
     try:
-        fire.Fire(Commands, command=list(sys.argv[1:] if argv is None else argv), name="vxm-lite")
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as error:
+        with exit_on_user_error():
+            fire.Fire(Commands, command=list(sys.argv[1:] if argv is None else argv), name="vxm-lite")
+    except TypeError as error:  # fire's report of a wrong argument type
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

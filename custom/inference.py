@@ -1,14 +1,18 @@
 """Register a user's own NIfTI pairs: the dataset the inference config loads and the writer of its outputs.
 
-Outputs per pair, named after the moving file (``<subject>_aligned_norm`` for neurite-OASIS names):
-``<name>_warped.nii.gz`` (the moving image in its own intensity
-scale, warped), ``<name>_ddf.nii.gz`` (the displacement field in voxels, the vector last), and with a moving
-label ``<name>_warped_label.nii.gz`` (nearest neighbour). Each carries the fixed image's affine and header and
-is written to a temporary name and renamed.
+Outputs per pair, named ``<moving>__to__<fixed>`` after the two files (``<subject>_aligned_norm`` for the
+neurite-OASIS names every subject shares; ``__<pair index>`` is appended when two pairs would share a name):
+``<name>_warped.nii.gz`` (the moving image in its own intensity scale, warped), ``<name>_ddf.nii.gz`` (the
+displacement field: ITK/ANTs layout by default, see :mod:`custom.interop`) and, with a moving label,
+``<name>_warped_label.nii.gz`` (nearest neighbour). Each carries the fixed image's affine and is written to a
+temporary name and renamed; ``pairs_out.csv`` maps each input pair to its outputs.
+
+Every input of every pair (existence, headers, dimensionality, shapes, geometry, finite values) is checked
+before the first file is written.
 """
 
 import csv
-import sys
+import io
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Union
 
@@ -18,25 +22,35 @@ import torch
 from ignite.engine import Engine, Events
 
 from custom.data.oasis import IMAGE_FILES
-from custom.io import atomic_path
+from custom.data.transforms import ScaleForegroundd
+from custom.errors import exit_on_user_error
+from custom.interop import DDF_FORMATS, check_itk_affine, ddf_to_itk, ddf_to_voxel_image
+from custom.io import atomic_path, atomic_write_text
 from custom.networks import check_spatial_dims
-from custom.workflow import decollated
 from custom.warp import SpatialTransformer
+from custom.workflow import decollated
 
-__all__ = ["RegistrationPairs", "RegistrationWriter", "list_pairs", "run_or_exit"]
+__all__ = ["RegistrationPairs", "RegistrationWriter", "list_pairs", "output_names", "run_or_exit"]
 
 NIFTI = (".nii.gz", ".nii")
+KEYS = ("moving", "fixed", "moving_label")
 
 
 def _stem(path: str) -> str:
-    """Output name of a moving file: its name without extension, prefixed by its folder (the subject) for the
-    neurite-OASIS file names, which every subject shares."""
+    """A file's name without extension, prefixed by its folder (the subject) for the neurite-OASIS file names,
+    which every subject shares."""
     name = Path(path).name
     for ext in NIFTI:
         if name.endswith(ext):
             name = name[: -len(ext)]
             break
     return f"{Path(path).parent.name}_{name}" if name in IMAGE_FILES else name
+
+
+def output_names(pairs: List[Dict[str, str]]) -> List[str]:
+    """Unique, predictable output names: ``<moving>__to__<fixed>``, with ``__<pair index>`` on collision."""
+    names = [f"{_stem(p['moving'])}__to__{_stem(p['fixed'])}" for p in pairs]
+    return [f"{n}__{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
 def list_pairs(
@@ -48,13 +62,16 @@ def list_pairs(
     """The pairs to register, from one of three forms.
 
     - ``moving`` and ``fixed`` files (and optionally ``moving_label``): one pair;
-    - ``moving`` a folder and ``fixed`` a file: every NIfTI in the folder to that fixed image;
+    - ``moving`` a folder and ``fixed`` a file: every NIfTI in the folder to that fixed image (no labels);
     - ``pairs`` a CSV file with columns ``moving,fixed[,moving_label]`` (paths relative to the CSV).
 
     Raises:
-        ValueError: when neither or both forms are given, or the CSV lacks the columns.
+        ValueError: when neither or both forms are given, a label goes with a folder, or the CSV lacks columns
+            or cells.
         FileNotFoundError: for a missing file or folder.
     """
+    if pairs and (moving or fixed or moving_label):
+        raise ValueError("give either --pairs pairs.csv or --moving/--fixed, not both.")
     if pairs:
         table = Path(pairs)
         if not table.is_file():
@@ -64,11 +81,18 @@ def list_pairs(
         if not rows or not {"moving", "fixed"} <= set(rows[0]):
             raise ValueError(f"pairs CSV {pairs!r} needs a header with columns moving,fixed[,moving_label].")
         out = []
-        for r in rows:
-            item = {k: str((table.parent / r[k]).resolve()) for k in ("moving", "fixed", "moving_label") if r.get(k)}
-            out.append(item)
+        for line, r in enumerate(rows, start=2):
+            empty = [k for k in ("moving", "fixed") if not (r.get(k) or "").strip()]
+            if empty:
+                raise ValueError(f"pairs CSV {pairs!r} line {line}: empty {' and '.join(empty)} cell.")
+            out.append({k: str((table.parent / r[k].strip()).resolve()) for k in KEYS if (r.get(k) or "").strip()})
     elif moving and fixed:
         if Path(moving).is_dir():
+            if moving_label:
+                raise ValueError(
+                    "--moving_label goes with one moving file, not a folder; give labels per pair with --pairs "
+                    "pairs.csv (columns moving,fixed,moving_label)."
+                )
             files = sorted(str(p) for p in Path(moving).iterdir() if p.name.endswith(NIFTI))
             if not files:
                 raise FileNotFoundError(f"moving folder {moving!r} holds no .nii/.nii.gz files.")
@@ -84,7 +108,7 @@ def list_pairs(
     return out
 
 
-def _spatial(shape, spatial_dims: int, path: str, key: str):
+def _spatial(shape, spatial_dims: int, path: str, key: str) -> List[int]:
     """The model-space shape of a file's array: trailing singleton axes dropped down to ``spatial_dims``."""
     shape = list(shape)
     while len(shape) > spatial_dims and shape[-1] == 1:
@@ -97,22 +121,45 @@ def _spatial(shape, spatial_dims: int, path: str, key: str):
     return shape
 
 
-class RegistrationPairs(torch.utils.data.Dataset):
-    """NIfTI pairs for inference: each item has ``moving`` and ``fixed`` ``(1, *S)`` scaled to [0, 1], the raw
-    moving intensities ``moving_raw``, optional ``moving_label``, and the file paths.
+def _read(path: str, key: str) -> nib.Nifti1Image:
+    try:
+        return nib.load(path)
+    except Exception as error:
+        raise ValueError(f"cannot read {key} {path!r} as NIfTI: {error}") from None
 
-    Construction does no I/O (errors surface when the run starts); :meth:`validate` checks every file's
-    header: existence, dimensionality against ``spatial_dims``, equal moving/fixed/label shapes.
+
+def _same_geometry(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(np.allclose(a, b, rtol=0, atol=1e-3))
+
+
+class RegistrationPairs(torch.utils.data.Dataset):
+    """NIfTI pairs for inference: each item has ``moving`` and ``fixed`` ``(1, *S)`` normalised exactly as in
+    training (:class:`~custom.data.transforms.ScaleForegroundd`), the raw moving intensities ``moving_raw``,
+    optional ``moving_label``, the file paths and the output ``name``.
+
+    Construction does no I/O (errors surface when the run starts); :meth:`validate` checks every input.
 
     Args:
         pairs: a callable returning the pairs (e.g. ``lambda: list_pairs(...)``), called on first use.
         spatial_dims: the model's.
+        resample: resample the moving image (linear) and label (nearest) onto the fixed image's grid with MONAI's
+            ``ResampleToMatch`` when their geometry differs; otherwise a difference is an error.
+        itk_geometry: require fixed affines that ITK can hold (no shear), for ITK-format fields.
     """
 
-    def __init__(self, pairs: Callable[[], List[Dict[str, str]]], spatial_dims: int) -> None:
+    def __init__(
+        self,
+        pairs: Callable[[], List[Dict[str, str]]],
+        spatial_dims: int,
+        resample: bool = False,
+        itk_geometry: bool = False,
+    ) -> None:
         self._pairs_fn = pairs
         self.spatial_dims = check_spatial_dims(spatial_dims)
+        self.resample = bool(resample)
+        self.itk_geometry = bool(itk_geometry)
         self._pairs: Optional[List[Dict[str, str]]] = None
+        self.normalise = ScaleForegroundd(["moving", "fixed"])
 
     @property
     def pairs(self) -> List[Dict[str, str]]:
@@ -120,121 +167,172 @@ class RegistrationPairs(torch.utils.data.Dataset):
             self._pairs = self._pairs_fn()
         return self._pairs
 
+    @property
+    def names(self) -> List[str]:
+        """The output name of each pair (:func:`output_names`)."""
+        return output_names(self.pairs)
+
     def validate(self) -> None:
-        """Check every pair from the headers alone; raises ``ValueError`` / ``FileNotFoundError``."""
+        """Check every input of every pair: readable NIfTI, dimensionality, equal grids (shape and affine) or
+        ``resample``, an ITK-representable fixed affine when required, finite intensities.
+
+        Raises:
+            ValueError: naming the file and what is wrong.
+        """
         for item in self.pairs:
-            shapes = {}
-            for key, path in item.items():
-                try:
-                    header_shape = nib.load(path).shape
-                except Exception as error:
-                    raise ValueError(f"cannot read {key} {path!r} as NIfTI: {error}") from None
-                shapes[key] = _spatial(header_shape, self.spatial_dims, path, key)
-            for key, shape in shapes.items():
-                if shape != shapes["fixed"]:
+            images = {key: _read(path, key) for key, path in item.items()}
+            shapes = {key: _spatial(img.shape, self.spatial_dims, item[key], key) for key, img in images.items()}
+            fixed = images["fixed"]
+            if self.itk_geometry:
+                check_itk_affine(fixed.affine, f"fixed {item['fixed']!r}")
+            for key, img in images.items():
+                same = shapes[key] == shapes["fixed"] and _same_geometry(img.affine, fixed.affine)
+                if key != "fixed" and not same and not self.resample:
                     raise ValueError(
-                        f"{key} {item[key]!r} has shape {shape} but fixed {item['fixed']!r} has shape "
-                        f"{shapes['fixed']}; resample them to one grid first."
+                        f"{key} {item[key]!r} (shape {shapes[key]}, affine {np.round(img.affine, 3).tolist()}) is not "
+                        f"on the grid of fixed {item['fixed']!r} (shape {shapes['fixed']}, affine "
+                        f"{np.round(fixed.affine, 3).tolist()}); pass --resample True to resample it onto the "
+                        "fixed grid, or resample it yourself."
                     )
+            if "moving_label" in images and not _same_geometry(images["moving_label"].affine, images["moving"].affine):
+                raise ValueError(
+                    f"moving_label {item['moving_label']!r} and moving {item['moving']!r} have different affines; "
+                    "a label map must share its image's grid."
+                )
+            for key in ("moving", "fixed"):
+                if not np.isfinite(np.asarray(images[key].dataobj, dtype=np.float32)).all():
+                    raise ValueError(f"{key} {item[key]!r} contains NaN or infinite intensities.")
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def _load(self, path: str, dtype) -> torch.Tensor:
-        data = np.asarray(nib.load(path).dataobj, dtype=dtype)
+    def _load(self, path: str, dtype, reference: Optional[nib.Nifti1Image] = None) -> torch.Tensor:
+        """``(1, *S)``; resampled onto ``reference``'s grid when one is given and the grids differ."""
+        image = nib.load(path)
+        data = np.asarray(image.dataobj, dtype=dtype)
+        if reference is not None and not (
+            data.shape == reference.shape and _same_geometry(image.affine, reference.affine)
+        ):
+            data = self._resample(data, image.affine, reference, nearest=np.issubdtype(dtype, np.integer))
         data = data.reshape(_spatial(data.shape, self.spatial_dims, path, "image"))
-        if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
-            raise ValueError(f"{path!r} contains NaN or infinite intensities.")
         return torch.from_numpy(np.ascontiguousarray(data))[None]
 
     @staticmethod
-    def _scale(x: torch.Tensor) -> torch.Tensor:
-        lo, hi = x.min(), x.max()
-        return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+    def _resample(data: np.ndarray, affine: np.ndarray, reference: nib.Nifti1Image, nearest: bool) -> np.ndarray:
+        from monai.data import MetaTensor
+        from monai.transforms import ResampleToMatch
+
+        def as_3d(array: np.ndarray) -> np.ndarray:
+            return array.reshape(array.shape + (1,) * (3 - array.ndim))
+
+        src = MetaTensor(torch.from_numpy(as_3d(data).astype(np.float32))[None], affine=torch.as_tensor(affine))
+        dst = MetaTensor(torch.zeros((1,) + as_3d(np.empty(reference.shape)).shape), affine=reference.affine)
+        out = ResampleToMatch(mode="nearest" if nearest else "bilinear", padding_mode="zeros")(src, dst)
+        return np.asarray(out[0]).astype(data.dtype).reshape(reference.shape)
 
     def __getitem__(self, i: int) -> dict:
         item = self.pairs[i]
-        moving = self._load(item["moving"], np.float32)
+        fixed = nib.load(item["fixed"])
+        reference = fixed if self.resample else None
+        moving = self._load(item["moving"], np.float32, reference)
         out = {
-            "moving": self._scale(moving),
-            "fixed": self._scale(self._load(item["fixed"], np.float32)),
+            "moving": moving,
+            "fixed": self._load(item["fixed"], np.float32),
             "moving_raw": moving,
             "moving_path": item["moving"],
             "fixed_path": item["fixed"],
+            "label_path": item.get("moving_label", ""),
+            "name": self.names[i],
         }
         if "moving_label" in item:
-            out["moving_label"] = self._load(item["moving_label"], np.int32)
-        return out
+            out["moving_label"] = self._load(item["moving_label"], np.int32, reference)
+        return self.normalise(out)
 
 
 class RegistrationWriter:
-    """Evaluator handler writing the warped image, the field and the warped label of each pair (see module doc).
+    """Evaluator handler writing the warped image, the field and the warped label of each pair, and
+    ``pairs_out.csv`` at the end (see the module docstring).
 
     Args:
         output_dir: output folder (created).
+        ddf_format: ``"itk"`` (ITK/ANTs/Slicer displacement field, LPS mm, see :mod:`custom.interop`) or
+            ``"voxel"`` (our own ``(*S, spatial_dims)`` voxel layout).
+
+    Raises:
+        ValueError: for an unknown ``ddf_format``.
     """
 
-    def __init__(self, output_dir: Union[str, Path]) -> None:
+    def __init__(self, output_dir: Union[str, Path], ddf_format: str = "itk") -> None:
+        if ddf_format not in DDF_FORMATS:
+            raise ValueError(f"ddf_format must be one of {DDF_FORMATS}, got {ddf_format!r}.")
         self.output_dir = Path(output_dir)
+        self.ddf_format = ddf_format
         self.warp = SpatialTransformer("bilinear")
         self.warp_labels = SpatialTransformer("nearest")
         self.written: List[str] = []
+        self.rows: List[Dict[str, str]] = []
 
     def attach(self, engine: Engine) -> None:
         """Attach to an Ignite engine."""
+        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self._write_table)
 
-    def _save(self, array: np.ndarray, reference: nib.Nifti1Image, path: Path, dtype) -> None:
-        header = reference.header.copy()
-        header.set_data_dtype(dtype)
-        image = nib.Nifti1Image(array.astype(dtype), reference.affine, header)
+    def _save(self, image: nib.Nifti1Image, path: Path) -> str:
         with atomic_path(path, suffix=".nii.gz") as tmp:
             nib.save(image, str(tmp))
         self.written.append(str(path))
+        return path.name
+
+    def _image(self, array: torch.Tensor, reference: nib.Nifti1Image, dtype) -> nib.Nifti1Image:
+        header = reference.header.copy()
+        header.set_data_dtype(dtype)
+        return nib.Nifti1Image(array.numpy().astype(dtype).reshape(reference.shape), reference.affine, header)
 
     def __call__(self, engine: Engine) -> None:
         items, outputs = decollated(engine)
         for item, output in zip(items, outputs):
             ddf = torch.as_tensor(output["pred"]).float()[None].cpu()
             fixed = nib.load(item["fixed_path"])
-            shape = tuple(fixed.shape)
-            name = _stem(item["moving_path"])
+            name = item["name"]
             with torch.no_grad():
                 warped = self.warp(torch.as_tensor(item["moving_raw"])[None].float(), ddf)[0, 0]
-                vector = ddf[0].movedim(0, -1)
                 warped_label = None
                 if "moving_label" in item:
                     warped_label = self.warp_labels(torch.as_tensor(item["moving_label"])[None], ddf)[0, 0]
-            self._save(warped.numpy().reshape(shape), fixed, self.output_dir / f"{name}_warped.nii.gz", np.float32)
-            self._save(
-                vector.numpy().reshape(shape + (ddf.shape[1],)),
-                fixed,
-                self.output_dir / f"{name}_ddf.nii.gz",
-                np.float32,
-            )
+            field = ddf_to_itk(ddf[0], fixed) if self.ddf_format == "itk" else ddf_to_voxel_image(ddf[0], fixed)
+            row = {
+                "moving": item["moving_path"],
+                "fixed": item["fixed_path"],
+                "moving_label": item["label_path"],
+                "warped": self._save(self._image(warped, fixed, np.float32), self.output_dir / f"{name}_warped.nii.gz"),
+                "ddf": self._save(field, self.output_dir / f"{name}_ddf.nii.gz"),
+                "warped_label": "",
+            }
             if warped_label is not None:
-                self._save(
-                    warped_label.numpy().reshape(shape),
-                    fixed,
-                    self.output_dir / f"{name}_warped_label.nii.gz",
-                    np.int32,
-                )
+                path = self.output_dir / f"{name}_warped_label.nii.gz"
+                row["warped_label"] = self._save(self._image(warped_label, fixed, np.int32), path)
+            self.rows.append(row)
+
+    def _write_table(self, engine: Engine) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=["moving", "fixed", "moving_label", "warped", "ddf", "warped_label"])
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.output_dir / "pairs_out.csv", buffer.getvalue())
 
 
 def run_or_exit(evaluator: Union[Engine, Callable[[], Engine]]) -> None:
-    """Build (when given a factory) and run the evaluator, turning input errors into one line on stderr and
-    exit code 2.
+    """Build (when given a factory) and run an evaluator, after validating its inferer's options and its
+    dataset's inputs; a user error becomes one line on stderr and exit code 2.
 
-    Nothing is written before every pair has passed :meth:`RegistrationPairs.validate`. The inference config
-    passes a factory (``"_mode_": "callable"``) so that the pair listing, which the evaluator's constructor
-    triggers, is inside this guard too.
+    Nothing is written before every part has passed its ``validate``. The inference config passes a factory
+    (``"_mode_": "callable"``) so that the pair listing, which the evaluator's constructor triggers, is inside
+    this guard too.
     """
-    try:
+    with exit_on_user_error():
         engine = evaluator if isinstance(evaluator, Engine) else evaluator()
-        dataset = engine.data_loader.dataset
-        if hasattr(dataset, "validate"):
-            dataset.validate()
+        for part in (getattr(engine, "inferer", None), engine.data_loader.dataset):
+            if hasattr(part, "validate"):
+                part.validate()
         engine.run()
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None

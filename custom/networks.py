@@ -177,18 +177,8 @@ class RegistrationNet(nn.Module):
             x = F.pad(x, pads)
         return x, [int(n) for n in sizes]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Predict the displacement that warps moving onto fixed.
-
-        Args:
-            x: ``(B, 2, H, W[, D])``; channel 0 the moving image, channel 1 the fixed image.
-
-        Returns:
-            ddf: ``(B, spatial_dims, H, W[, D])`` in voxels, for ``SpatialTransformer(moving, ddf)``.
-
-        Raises:
-            ValueError: for a wrong number of dimensions or channels.
-        """
+    def _flow(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+        """The flow conv's output at the UNet's resolution (padded) and the input's spatial sizes."""
         if x.dim() != self.spatial_dims + 2:
             raise ValueError(
                 f"expected input of shape (B, 2, *spatial) with {self.spatial_dims} spatial dims, "
@@ -207,12 +197,50 @@ class RegistrationNet(nn.Module):
             h = block(h, skips[-(level + 2)])
         for conv in self.full_res:
             h = conv(h)
-        ddf = self.integrate(self.flow(h))
+        return self.flow(h), sizes
+
+    def _full_size(self, field: torch.Tensor, sizes: List[int]) -> torch.Tensor:
+        """A field at the UNet's resolution brought to the input's: upsampled (and doubled) when half-res, cropped."""
         if self.half_res:
-            ddf = 2.0 * F.interpolate(ddf, scale_factor=2.0, mode=self.linear_mode, align_corners=False)
+            field = 2.0 * F.interpolate(field, scale_factor=2.0, mode=self.linear_mode, align_corners=False)
         if self.spatial_dims == 2:
-            return ddf[:, :, : sizes[0], : sizes[1]]
-        return ddf[:, :, : sizes[0], : sizes[1], : sizes[2]]
+            return field[:, :, : sizes[0], : sizes[1]]
+        return field[:, :, : sizes[0], : sizes[1], : sizes[2]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Predict the displacement that warps moving onto fixed.
+
+        Args:
+            x: ``(B, 2, H, W[, D])``; channel 0 the moving image, channel 1 the fixed image.
+
+        Returns:
+            ddf: ``(B, spatial_dims, H, W[, D])`` in voxels, for ``SpatialTransformer(moving, ddf)``.
+
+        Raises:
+            ValueError: for a wrong number of dimensions or channels.
+        """
+        flow, sizes = self._flow(x)
+        return self._full_size(self.integrate(flow), sizes)
+
+    @torch.jit.unused
+    def velocity(self, x: torch.Tensor) -> torch.Tensor:
+        """The stationary velocity field before integration (``integration_steps > 0``), brought to full size
+        like the displacement: ``VelocityIntegration(integration_steps)(velocity(x))`` approximates
+        ``forward(x)`` (exactly at full resolution; the half-resolution variants integrate before upsampling).
+
+        Args:
+            x: ``(B, 2, H, W[, D])``.
+
+        Returns:
+            ``(B, spatial_dims, H, W[, D])`` in voxels.
+
+        Raises:
+            ValueError: when the network predicts displacements (``integration_steps == 0``), or for bad input.
+        """
+        if self.integration_steps == 0:
+            raise ValueError("velocity() needs a diffeomorphic network (integration_steps > 0).")
+        flow, sizes = self._flow(x)
+        return self._full_size(flow, sizes)
 
 
 class VxmDense(nn.Module):

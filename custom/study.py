@@ -21,7 +21,7 @@ from custom.benchmark import machine_description, measure_model, multiply_adds
 from custom.io import atomic_write_text
 from custom.networks import VARIANTS, RegistrationNet, check_spatial_dims, count_parameters
 
-__all__ = ["DEFAULT_SMOOTH_WEIGHT", "bundle_dir", "bundle_workflow", "run_study"]
+__all__ = ["DEFAULT_SMOOTH_WEIGHT", "bundle_dir", "bundle_workflow", "run_study", "train_run"]
 
 DEFAULT_SMOOTH_WEIGHT = {"lncc": 1.0, "mse": 0.01}  # VoxelMorph's recommended regularisation per similarity
 
@@ -44,8 +44,9 @@ def bundle_workflow(configs: Sequence[str], run_id: str, overrides: dict):
     return ConfigWorkflow(paths, meta_file=meta, logging_file=False, run_id=run_id, **overrides)
 
 
-def _train(overrides: dict, max_minutes: Optional[float]) -> dict:
-    """Train one run; returns wall time, mean seconds per iteration and the per-epoch mean loss curve."""
+def train_run(overrides: dict, max_minutes: Optional[float], max_steps: Optional[int] = None) -> dict:
+    """Train one run, for at most ``max_minutes`` of wall clock and ``max_steps`` iterations; returns wall time,
+    mean seconds per iteration, iterations and the per-epoch loss curve."""
     workflow = bundle_workflow(["train.json"], "training", overrides)
     workflow.initialize()
     trainer = workflow.parser.get_parsed_content("train#trainer")
@@ -66,6 +67,8 @@ def _train(overrides: dict, max_minutes: Optional[float]) -> dict:
     trainer.add_event_handler(Events.EPOCH_COMPLETED, _epoch)
     if max_minutes:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(max(1, int(max_minutes * 60))))
+    if max_steps:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=max_steps), lambda engine: engine.terminate())
     start = time.perf_counter()
     workflow.run()
     wall = time.perf_counter() - start
@@ -76,6 +79,7 @@ def _train(overrides: dict, max_minutes: Optional[float]) -> dict:
         "step_s": sum(steps) / max(len(steps), 1),
         "curve": record["curve"],
         "epochs": len(record["curve"]),
+        "iterations": trainer.state.iteration,
     }
 
 
@@ -83,7 +87,9 @@ def _evaluate(overrides: dict, eval_dir: Path, figures_dir: Path, spatial_dims: 
     """Evaluate the best checkpoint on the evaluation split; draw the figures; return the summary."""
     from custom.plots import display
 
-    workflow = bundle_workflow(["train.json", "evaluate.json"], "evaluating", {**overrides, "eval_dir": str(eval_dir)})
+    # the study compares the networks themselves: no test-time refinement (``python -m custom accuracy`` has it)
+    overrides = {**overrides, "eval_dir": str(eval_dir), "refine_steps": 0}
+    workflow = bundle_workflow(["train.json", "evaluate.json"], "evaluating", overrides)
     workflow.initialize()
     workflow.run()
     dataset = workflow.parser.get_parsed_content("validate#dataset")
@@ -225,7 +231,7 @@ def run_study(
                 "output_dir": str(out / "train"),
                 "ckpt_dir": str(out / "models"),
             }
-            trained = _train(overrides, max_minutes)
+            trained = train_run(overrides, max_minutes)
             summary, shape = _evaluate(
                 {**overrides, "eval_split": eval_split}, out / "eval", out, spatial_dims, variant, integration_steps
             )

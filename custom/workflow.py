@@ -9,9 +9,12 @@ and :class:`PairLoss` warps and scores it.
 import csv
 import io
 import json
+import logging
 import math
 import statistics
+import os
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -26,12 +29,13 @@ from torch import nn
 
 from custom.io import atomic_write_text
 from custom.losses import GradLoss, LocalNCCLoss, MSELoss
-from custom.metrics import dice_per_label, jacobian_stats
+from custom.metrics import jacobian_stats, label_scores
 from custom.networks import check_spatial_dims
 from custom.warp import SpatialTransformer
 
 __all__ = [
     "AtomicCheckpointSaver",
+    "EpochSummary",
     "enable_resume",
     "PairLoss",
     "PairMetricsWriter",
@@ -50,7 +54,8 @@ def prepare_pair_batch(batchdata: dict, device: Optional[Union[str, torch.device
 
 
 class PairLoss(nn.Module):
-    """Unsupervised registration loss ``similarity(warp(moving, ddf), fixed) + smooth_weight * Grad(ddf)``.
+    """Unsupervised registration loss ``similarity(warp(moving, ddf), fixed) + smooth_weight * Grad(ddf)``,
+    computed in float32 also under mixed precision (autocast is disabled inside).
 
     Args:
         spatial_dims: 2 or 3.
@@ -82,8 +87,51 @@ class PairLoss(nn.Module):
         Returns:
             The scalar loss.
         """
-        warped = self.transformer(pair[:, :1], ddf.float())
-        return self.similarity(warped, pair[:, 1:]) + self.smooth_weight * self.smoothness(ddf.float())
+        # in float32 even inside autocast (amp): half-precision box sums make LNCC 0/0 in zero backgrounds
+        with torch.autocast(device_type=ddf.device.type, enabled=False):
+            ddf, pair = ddf.float(), pair.float()
+            warped = self.transformer(pair[:, :1], ddf)
+            return self.similarity(warped, pair[:, 1:]) + self.smooth_weight * self.smoothness(ddf)
+
+
+class EpochSummary:
+    """Trainer handler: one log line per epoch (mean loss, seconds, iterations per second) instead of a line per
+    iteration; the progress bar shows the iterations and TensorBoard keeps the per-iteration loss.
+
+    Args:
+        name: the logger's name.
+    """
+
+    def __init__(self, name: str = "vxm-lite") -> None:
+        self.logger = logging.getLogger(name)
+        self._losses: List[float] = []
+        self._start = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        """Attach to an Ignite engine."""
+        engine.add_event_handler(Events.EPOCH_STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._completed)
+
+    def _started(self, engine: Engine) -> None:
+        self._losses.clear()
+        self._start = time.perf_counter()
+
+    def _iteration(self, engine: Engine) -> None:
+        output = engine.state.output
+        self._losses.append(float((output[0] if isinstance(output, list) else output)["loss"]))
+
+    def _completed(self, engine: Engine) -> None:
+        seconds = time.perf_counter() - self._start
+        loss = statistics.fmean(self._losses) if self._losses else float("nan")
+        self.logger.info(
+            "epoch %d/%d: train_loss %.4f, %.1f s, %.1f it/s",
+            engine.state.epoch,
+            engine.state.max_epochs,
+            loss,
+            seconds,
+            len(self._losses) / max(seconds, 1e-9),
+        )
 
 
 def decollated(engine: Engine):
@@ -153,14 +201,18 @@ class AtomicCheckpointSaver:
     """Save ``save_dict`` with Ignite's ``Checkpoint`` and an atomic ``DiskSaver``: a killed run never leaves a
     corrupt file (MONAI's ``CheckpointSaver`` writes in place). Only rank 0 writes under ``torch.distributed``.
 
+    After :meth:`attach`, ``checkpoint`` is the Ignite ``Checkpoint``; its ``state_dict`` holds the best score so
+    far, which resume checkpoints carry (see :func:`enable_resume`).
+
     Args:
         save_dir: folder of the checkpoint files.
         save_dict: objects with ``state_dict`` (network, optimizer, trainer); one object is saved bare.
         event: Ignite event name, e.g. ``"EPOCH_COMPLETED"`` (resume checkpoints) or ``"COMPLETED"``.
-        filename: a fixed file name (e.g. ``"model.pt"``); default ``checkpoint_<epoch>.pt`` for several objects
-            (Ignite's naming).
+        filename: a fixed file name (e.g. ``"model.pt"``); default ``<prefix>checkpoint_<epoch>.pt`` for several
+            objects (Ignite's naming).
         key_metric: save only when this metric of the attached engine improves (best model).
         n_saved: how many files to keep.
+        prefix: file name prefix of the default naming (e.g. a run id).
     """
 
     def __init__(
@@ -171,6 +223,7 @@ class AtomicCheckpointSaver:
         filename: Optional[str] = None,
         key_metric: Optional[str] = None,
         n_saved: int = 1,
+        prefix: str = "",
     ) -> None:
         self.save_dir = save_dir
         self.save_dict = save_dict
@@ -178,49 +231,86 @@ class AtomicCheckpointSaver:
         self.filename = filename
         self.key_metric = key_metric
         self.n_saved = n_saved
+        self.prefix = prefix
+        self.checkpoint: Optional[Checkpoint] = None
 
     def attach(self, engine: Engine) -> None:
         """Attach to an Ignite engine."""
         key = self.key_metric
-        checkpoint = Checkpoint(
+        self.checkpoint = Checkpoint(
             self.save_dict,
             _FixedNameSaver(self.save_dir, self.filename),
-            filename_prefix="",
+            filename_prefix=self.prefix,
             score_function=(lambda e: e.state.metrics[key]) if key else None,
             score_name=key,
             n_saved=self.n_saved,
             global_step_transform=lambda e, _: e.state.epoch,
         )
-        engine.add_event_handler(self.event, checkpoint)
+        engine.add_event_handler(self.event, self.checkpoint)
 
 
-def enable_resume(trainer, checkpoint_dir: str, resume: bool = False) -> Optional[str]:
-    """Save a resume checkpoint (network, optimizer, trainer state) atomically after every epoch and, with
-    ``resume``, load the latest one when the run starts (MONAI's ``CheckpointLoader``, ``weights_only=True``).
+RUN_FILE = "run.json"
 
-    A run killed mid-epoch and resumed repeats at most that epoch.
+
+def enable_resume(
+    trainer, checkpoint_dir: str, resume: bool = False, best: Optional[AtomicCheckpointSaver] = None
+) -> Optional[str]:
+    """Save a resume checkpoint (network, optimizer, trainer state and the best-model saver's best score)
+    atomically after every epoch and, with ``resume``, load the latest one of the current run when the run
+    starts (MONAI's ``CheckpointLoader``, ``weights_only=True``).
+
+    Each fresh run gets a run id (``checkpoint_dir/run.json``) that prefixes its files, so a resumed run never
+    picks up a stale checkpoint of an earlier run in the same folder; the best score is restored, so the first
+    validation after resuming replaces ``model.pt`` only when it is better. A run killed mid-epoch and resumed
+    repeats at most that epoch.
 
     Args:
         trainer: MONAI ``SupervisedTrainer`` (its ``network`` and ``optimizer`` are saved with it).
-        checkpoint_dir: folder of ``checkpoint_<epoch>.pt``.
-        resume: load the latest checkpoint, if there is one.
+        checkpoint_dir: folder of ``<run id>_checkpoint_<epoch>.pt`` and ``run.json``.
+        resume: continue the current run from its latest checkpoint, if there is one.
+        best: the best-model saver (already attached to the evaluator), whose best score is kept.
 
     Returns:
         The checkpoint resumed from, or ``None``.
     """
     from monai.handlers import CheckpointLoader
 
+    folder = Path(checkpoint_dir)
+    run_id = _run_id(folder) if resume else None
+    if run_id is None:
+        run_id = datetime.now().strftime("%Y%m%d-%H%M%S-") + f"{os.getpid()}"
+        if _rank() == 0:
+            atomic_write_text(folder / RUN_FILE, json.dumps({"run_id": run_id}) + "\n")
     state = {"network": trainer.network, "optimizer": trainer.optimizer, "trainer": trainer}
-    AtomicCheckpointSaver(checkpoint_dir, state, "EPOCH_COMPLETED").attach(trainer)
-    path = latest_checkpoint(checkpoint_dir) if resume else None
+    if best is not None and best.checkpoint is not None:
+        state["best"] = best.checkpoint
+    AtomicCheckpointSaver(checkpoint_dir, state, "EPOCH_COMPLETED", prefix=run_id).attach(trainer)
+    path = latest_checkpoint(folder) if resume else None
     if path:
-        CheckpointLoader(path, state, map_location=trainer.state.device).attach(trainer)
+        stored = set(torch.load(path, map_location="cpu", weights_only=True))
+        CheckpointLoader(path, {k: v for k, v in state.items() if k in stored}, map_location=trainer.state.device).attach(
+            trainer
+        )
     return path
 
 
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+
+
+def _run_id(folder: Path) -> Optional[str]:
+    try:
+        return str(json.loads((folder / RUN_FILE).read_text())["run_id"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def latest_checkpoint(save_dir: Union[str, Path]) -> Optional[str]:
-    """The resume checkpoint with the highest epoch in ``save_dir`` (``checkpoint_<epoch>.pt``), or ``None``."""
-    files = list(Path(save_dir).glob("checkpoint_*.pt"))
+    """The resume checkpoint with the highest epoch of the current run in ``save_dir`` (the run id in
+    ``run.json`` prefixes its files; without ``run.json``, any ``checkpoint_<epoch>.pt``), or ``None``."""
+    folder = Path(save_dir)
+    run_id = _run_id(folder)
+    files = list(folder.glob(f"{run_id}_checkpoint_*.pt" if run_id else "*checkpoint_*.pt"))
     if not files:
         return None
 
@@ -234,8 +324,9 @@ def latest_checkpoint(save_dir: Union[str, Path]) -> Optional[str]:
 class PairMetricsWriter:
     """Evaluator handler: per-pair metrics to ``metrics.csv`` and a summary to ``summary.json`` / ``summary.md``.
 
-    Per pair: LNCC (positive), MSE, Dice per label and mean Dice (labels from the data unless given), % voxels
-    with non-positive Jacobian determinant, std of log-Jacobian, and the network time per pair.
+    Per pair: LNCC (positive), MSE, Dice per label, mean Dice and the mean Dice of the worst 30% of labels
+    (labels from the data unless given), the mean HD95 over labels (voxels), % voxels with non-positive Jacobian
+    determinant (% folding), std of log-Jacobian (SDlogJ), and the time per pair (network and refinement).
 
     Args:
         output_dir: where the files go (written atomically at the end of the run).
@@ -283,10 +374,7 @@ class PairMetricsWriter:
                     moving_label = torch.as_tensor(item["moving_label"]).to(ddf.device)[None]
                     warped_label = self.warp_labels(moving_label, ddf)[0]
                     fixed_label = torch.as_tensor(item["fixed_label"]).to(ddf.device)
-                    dice = dice_per_label(warped_label, fixed_label, self.labels)
-                    row.update({f"dice_{k}": v for k, v in dice.items()})
-                    valid = [v for v in dice.values() if not math.isnan(v)]
-                    row["dice_mean"] = statistics.fmean(valid) if valid else float("nan")
+                    row.update(label_scores(warped_label, fixed_label, self.labels))
             self.rows.append(row)
 
     def summary(self) -> Dict[str, Dict[str, float]]:

@@ -1,5 +1,7 @@
 """Every bundle config and stock MONAI verb, end to end on tiny data, as the docs show them."""
 
+import csv
+import json
 import os
 import re
 import shlex
@@ -22,13 +24,18 @@ REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
 TINY = (24, 28, 20)
 INFERENCE = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/inference.json"]
+CONFIGS_EVAL = "['bundle/configs/train.json','bundle/configs/evaluate.json']"
 pytestmark = pytest.mark.slow
 
 
 def workspace(root: Path, num_subjects: int = 12) -> Path:
-    """A folder laid out like the repository root for the commands: bundle/configs (linked), data/demo (tiny)."""
-    (root / "bundle").mkdir(parents=True)
+    """A folder laid out like the repository root for the commands: bundle/configs and the pretrained models
+    (linked), data/demo (tiny)."""
+    (root / "bundle" / "models").mkdir(parents=True)
     (root / "bundle" / "configs").symlink_to(REPO / "bundle" / "configs")
+    (root / "bundle" / "large_files.yml").symlink_to(REPO / "bundle" / "large_files.yml")
+    for weights in (REPO / "bundle" / "models").glob("pretrained_*.pt"):  # the shipped pretrained models
+        (root / "bundle" / "models" / weights.name).symlink_to(weights)
     make_demo(root / "data" / "demo", num_subjects=num_subjects, shape=TINY)
     if SCHEMA.is_file():
         (root / "schema").mkdir()
@@ -87,11 +94,8 @@ def test_documented_commands_end_to_end(tmp_path):
     assert {"model.pt", "model_final.pt", "model.ts"} <= {p.name for p in models.iterdir()}
     assert (ws / "runs" / "evaluate" / "metrics.csv").read_text().startswith("moving,fixed,lncc,mse")
     written = sorted(p.name for p in (ws / "runs" / "inference").iterdir())
-    assert written == [
-        "OASIS_OAS1_0002_MR1_slice_norm_ddf.nii.gz",
-        "OASIS_OAS1_0002_MR1_slice_norm_warped.nii.gz",
-        "OASIS_OAS1_0002_MR1_slice_norm_warped_label.nii.gz",
-    ]
+    name = "OASIS_OAS1_0002_MR1_slice_norm__to__OASIS_OAS1_0001_MR1_slice_norm"
+    assert written == [f"{name}_ddf.nii.gz", f"{name}_warped.nii.gz", f"{name}_warped_label.nii.gz", "pairs_out.csv"]
     # the scripted export gives the checkpoint's output
     net = RegistrationNet(2, "both").eval()
     net.load_state_dict(torch.load(models / "model.pt", weights_only=True))
@@ -105,81 +109,145 @@ def test_inference_folder_and_csv_carry_fixed_geometry(tmp_path):
     ws = workspace(tmp_path / "ws", num_subjects=3)
     torch.save(RegistrationNet(3, "both").state_dict(), ws / "model.pt")
     subj = ws / "data" / "demo"
-    (ws / "moving").mkdir()
-    for name in ("OASIS_OAS1_0002_MR1", "OASIS_OAS1_0003_MR1"):
-        (ws / "moving" / f"{name[-7:-4]}.nii.gz").write_bytes((subj / name / "aligned_norm.nii.gz").read_bytes())
+    for folder in ("a", "b"):  # two moving files of the same name in two folders
+        (ws / folder).mkdir()
+        src = subj / f"OASIS_OAS1_000{2 if folder == 'a' else 3}_MR1" / "aligned_norm.nii.gz"
+        (ws / folder / "T1.nii.gz").write_bytes(src.read_bytes())
     fixed_path = subj / "OASIS_OAS1_0001_MR1" / "aligned_norm.nii.gz"
-    base = INFERENCE + ["--spatial_dims", "3", "--model_path", "model.pt"]
-    run(base + ["--moving", "moving", "--fixed", str(fixed_path), "--output_dir", "out"], cwd=ws)
+    base = INFERENCE + ["--spatial_dims", "3", "--model_path", "model.pt", "--refine_steps", "2"]
+    run(base + ["--moving", "a", "--fixed", str(fixed_path), "--output_dir", "out"], cwd=ws)
     fixed = nib.load(fixed_path)
-    assert sorted(p.name for p in (ws / "out").iterdir()) == [
-        "002_ddf.nii.gz",
-        "002_warped.nii.gz",
-        "003_ddf.nii.gz",
-        "003_warped.nii.gz",
-    ]
-    warped, ddf = nib.load(ws / "out" / "002_warped.nii.gz"), nib.load(ws / "out" / "002_ddf.nii.gz")
-    assert warped.shape == fixed.shape and ddf.shape == fixed.shape + (3,)
+    name = "T1__to__OASIS_OAS1_0001_MR1_aligned_norm"
+    assert sorted(p.name for p in (ws / "out").iterdir()) == [f"{name}_ddf.nii.gz", f"{name}_warped.nii.gz", "pairs_out.csv"]
+    warped, ddf = nib.load(ws / "out" / f"{name}_warped.nii.gz"), nib.load(ws / "out" / f"{name}_ddf.nii.gz")
+    assert warped.shape == fixed.shape and ddf.shape == fixed.shape + (1, 3)  # an ITK displacement field
+    assert int(ddf.header["intent_code"]) == 1007
     assert (warped.affine == fixed.affine).all() and warped.header.get_zooms() == fixed.header.get_zooms()
-    assert oct(os.stat(ws / "out" / "002_warped.nii.gz").st_mode)[-3:] == "644"
-    # a CSV of pairs, paths relative to the CSV; OASIS file names get the subject folder as prefix
+    assert oct(os.stat(ws / "out" / f"{name}_warped.nii.gz").st_mode)[-3:] == "644"
+    # a CSV of pairs, paths relative to the CSV: same-named moving files and one moving image against two fixed
+    # images get distinct outputs; OASIS file names get the subject folder as prefix
     (ws / "pairs.csv").write_text(
         "moving,fixed,moving_label\n"
+        "a/T1.nii.gz,data/demo/OASIS_OAS1_0001_MR1/aligned_norm.nii.gz,\n"
+        "b/T1.nii.gz,data/demo/OASIS_OAS1_0001_MR1/aligned_norm.nii.gz,\n"
         "data/demo/OASIS_OAS1_0003_MR1/aligned_norm.nii.gz,data/demo/OASIS_OAS1_0001_MR1/aligned_norm.nii.gz,"
         "data/demo/OASIS_OAS1_0003_MR1/aligned_seg4.nii.gz\n"
+        "data/demo/OASIS_OAS1_0003_MR1/aligned_norm.nii.gz,data/demo/OASIS_OAS1_0002_MR1/aligned_norm.nii.gz,\n"
     )
-    run(base + ["--pairs", "pairs.csv", "--output_dir", "out_csv"], cwd=ws)
-    label = nib.load(ws / "out_csv" / "OASIS_OAS1_0003_MR1_aligned_norm_warped_label.nii.gz")
+    run(base + ["--pairs", "pairs.csv", "--output_dir", "out_csv", "--ddf_format", "voxel"], cwd=ws)
+    with open(ws / "out_csv" / "pairs_out.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["ddf"] for r in rows] == [
+        f"{name}__0_ddf.nii.gz",
+        f"{name}__1_ddf.nii.gz",
+        "OASIS_OAS1_0003_MR1_aligned_norm__to__OASIS_OAS1_0001_MR1_aligned_norm_ddf.nii.gz",
+        "OASIS_OAS1_0003_MR1_aligned_norm__to__OASIS_OAS1_0002_MR1_aligned_norm_ddf.nii.gz",
+    ]
+    assert rows[1]["moving"] == str(ws / "b" / "T1.nii.gz") and rows[2]["warped_label"].endswith("_warped_label.nii.gz")
+    assert len(list((ws / "out_csv").glob("*.nii.gz"))) == 4 * 2 + 1
+    label = nib.load(ws / "out_csv" / rows[2]["warped_label"])
     assert label.get_data_dtype().kind == "i" and label.shape == fixed.shape
+    assert nib.load(ws / "out_csv" / rows[0]["ddf"]).shape == fixed.shape + (3,)  # our voxel layout
+
+
+def test_inference_resamples_onto_the_fixed_grid(tmp_path):
+    """With --resample True a moving image on another grid is resampled (MONAI) and the field is the fixed grid's."""
+    ws = workspace(tmp_path / "ws", num_subjects=2)
+    torch.save(RegistrationNet(3, "both").state_dict(), ws / "model.pt")
+    fixed_path = ws / "data" / "demo" / "OASIS_OAS1_0001_MR1" / "aligned_norm.nii.gz"
+    moving = nib.load(ws / "data" / "demo" / "OASIS_OAS1_0002_MR1" / "aligned_norm.nii.gz")
+    shifted = moving.affine.copy()
+    shifted[:3, 3] += [2.0, -1.0, 0.5]  # same shape, moved origin
+    nib.save(nib.Nifti1Image(np.asarray(moving.dataobj), shifted), str(ws / "moved.nii.gz"))
+    base = INFERENCE + ["--spatial_dims", "3", "--model_path", "model.pt", "--refine_steps", "0"]
+    args = ["--moving", "moved.nii.gz", "--fixed", str(fixed_path)]
+    refused = run(base + args + ["--output_dir", "refused"], cwd=ws, check=False)
+    assert refused.returncode == 2 and "is not on the grid of fixed" in refused.stderr and not (ws / "refused").exists()
+    run(base + args + ["--output_dir", "resampled", "--resample", "True"], cwd=ws)
+    warped = nib.load(next((ws / "resampled").glob("*_warped.nii.gz")))
+    assert warped.shape == nib.load(fixed_path).shape and np.allclose(warped.affine, nib.load(fixed_path).affine)
 
 
 @pytest.fixture(scope="module")
 def infer_ws(tmp_path_factory):
+    """A workspace with checkpoints and broken inputs of every kind."""
     ws = workspace(tmp_path_factory.mktemp("inf") / "ws", num_subjects=2)
     torch.save(RegistrationNet(2, "both").state_dict(), ws / "both.pt")
     torch.save(RegistrationNet(2, "maxpool").state_dict(), ws / "maxpool.pt")
     nib.save(nib.Nifti1Image(np.zeros((24, 30, 1), np.float32), np.eye(4)), str(ws / "wide.nii.gz"))
+    moving = nib.load(ws / S2 / "slice_norm.nii.gz")
+    data, affine = np.asarray(moving.dataobj), moving.affine
+    nan = data.copy()
+    nan[3, 4, 0] = np.nan
+    nib.save(nib.Nifti1Image(nan, affine), str(ws / "nan.nii.gz"))
+    rotated = affine.copy()
+    rotated[:2, :2] = [[0.0, -1.0], [-1.0, 0.0]]  # same shape, axes swapped
+    nib.save(nib.Nifti1Image(data, rotated), str(ws / "rotated.nii.gz"))
+    moved = affine.copy()
+    moved[:3, 3] = [5.0, 0.0, 0.0]
+    nib.save(nib.Nifti1Image(np.asarray(nib.load(ws / S2 / "slice_seg4.nii.gz").dataobj), moved), str(ws / "label_moved.nii.gz"))
+    shear = affine.copy()
+    shear[0, 1] = 0.4
+    for name in ("shear_moving", "shear_fixed"):
+        nib.save(nib.Nifti1Image(data, shear), str(ws / f"{name}.nii.gz"))
+    (ws / "junk.nii.gz").write_text("not an image")
+    good = f"{S2}/slice_norm.nii.gz,{S1}/slice_norm.nii.gz"
+    (ws / "pairs_nan.csv").write_text(f"moving,fixed\n{good}\nnan.nii.gz,{S1}/slice_norm.nii.gz\n")
+    (ws / "pairs_empty.csv").write_text(f"moving,fixed\n{good}\n{S2}/slice_norm.nii.gz, \n")
+    (ws / "pairs_header.csv").write_text(f"source,target\n{good}\n")
     return ws
 
 
 S1, S2 = "data/demo/OASIS_OAS1_0001_MR1", "data/demo/OASIS_OAS1_0002_MR1"
-BAD_INFERENCE = [
-    # (arguments, message)
-    (
-        ["--moving", f"{S2}/nothing.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"],
-        "moving file .* does not exist",
-    ),  # file
-    (
-        ["--moving", f"{S2}/aligned_norm.nii.gz", "--fixed", f"{S1}/aligned_norm.nii.gz"],
-        r"has shape \[24, 28, 20\], but the model registers 2-D images",
-    ),  # 3D volumes for a 2D model
-    (
-        [
-            "--moving",
-            f"{S2}/slice_norm.nii.gz",
-            "--fixed",
-            f"{S1}/slice_norm.nii.gz",
-            "--moving_label",
-            f"{S2}/aligned_seg4.nii.gz",
-        ],
-        "moving_label .* but the model registers 2-D",
-    ),  # label of another shape
-    (
-        ["--moving", f"{S2}/slice_norm.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz", "--model_path", "maxpool.pt"],
-        "checkpoint is for a 2D 'maxpool'.*this network is 2D 'both'",
-    ),  # checkpoint of another variant
-    (["--fixed", f"{S1}/slice_norm.nii.gz"], "give --moving and --fixed"),  # no moving image
-    (["--moving", "wide.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"], r"has shape \[24, 30\] but fixed"),  # shapes
+PAIR = ["--moving", f"{S2}/slice_norm.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"]
+EVALUATE = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", CONFIGS_EVAL]
+TRAIN = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "bundle/configs/train.json"]
+REGISTER = [sys.executable, "-m", "custom", "register"]
+BAD_INPUTS = [
+    # (entry point, arguments, message in the one error line); nothing may be written
+    ("inference", ["--moving", f"{S2}/nothing.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"], "moving file .* does not exist"),  # missing file
+    ("inference", ["--moving", f"{S2}/aligned_norm.nii.gz", "--fixed", f"{S1}/aligned_norm.nii.gz"], r"has shape \[24, 28, 20\], but the model registers 2-D images"),  # 3D for a 2D model
+    ("inference", PAIR + ["--moving_label", f"{S2}/aligned_seg4.nii.gz"], "moving_label .* but the model registers 2-D"),  # label of another shape
+    ("inference", PAIR + ["--model_path", "maxpool.pt"], "checkpoint is for a 2D 'maxpool'.*this network is 2D 'both'"),  # other variant
+    ("inference", PAIR + ["--model_path", "nothing.pt"], "nothing.pt"),  # missing checkpoint
+    ("inference", ["--fixed", f"{S1}/slice_norm.nii.gz"], "give --moving and --fixed"),  # no moving image
+    ("inference", ["--moving", "wide.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"], "is not on the grid of fixed"),  # shapes
+    ("inference", ["--moving", "rotated.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"], "is not on the grid of fixed"),  # affines
+    ("inference", PAIR + ["--moving_label", "label_moved.nii.gz"], "is not on the grid of fixed"),  # label geometry
+    ("inference", ["--moving", "shear_moving.nii.gz", "--fixed", "shear_fixed.nii.gz"], "affine with shear"),  # no ITK field
+    ("inference", ["--moving", "junk.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"], "cannot read moving .* as NIfTI"),  # not NIfTI
+    ("inference", ["--pairs", "pairs_nan.csv"], "nan.nii.gz' contains NaN"),  # NaN in the second pair: first not written
+    ("inference", ["--pairs", "pairs_empty.csv"], "line 3: empty fixed cell"),  # empty CSV cell
+    ("inference", ["--pairs", "pairs_header.csv"], "needs a header with columns moving,fixed"),  # wrong header
+    ("inference", ["--pairs", "nothing.csv"], "pairs CSV 'nothing.csv' does not exist"),  # missing CSV
+    ("inference", PAIR + ["--pairs", "pairs_nan.csv"], "not both"),  # two forms at once
+    ("inference", ["--moving", S2, "--fixed", f"{S1}/slice_norm.nii.gz", "--moving_label", f"{S2}/slice_seg4.nii.gz"], "goes with one moving file, not a folder"),  # label dropped silently before
+    ("inference", PAIR + ["--ddf_format", "mm"], "ddf_format must be one of"),  # unknown format
+    ("inference", PAIR + ["--refine_steps", "-1"], "refine_steps must be an integer >= 0"),  # negative steps
+    ("inference", PAIR + ["--refine_lr", "0"], "refine_lr must be > 0"),  # zero learning rate
+    ("evaluate", ["--eval_split", "dev"], "split must be 'train', 'val', 'test' or 'all', got 'dev'"),  # unknown split
+    ("evaluate", ["--eval_split", "all", "--model_path", "maxpool.pt"], "checkpoint is for a 2D 'maxpool'"),  # variant
+    ("evaluate", ["--eval_split", "all", "--label", "aligned_seg35"], "has no aligned_seg35.nii.gz"),  # missing label
+    ("evaluate", ["--eval_split", "all", "--refine_lr", "-2"], "refine_lr must be > 0"),  # negative learning rate
+    ("train", ["--dataset_dir", "data/demo_typo"], "dataset folder 'data/demo_typo' does not exist"),  # no silent demo
+    ("register", ["--moving", "rotated.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"], "is not on the grid of fixed"),  # CLI
+    ("register", ["--pairs", "pairs_nan.csv"], "contains NaN"),  # CLI, second pair
 ]
 
 
-@pytest.mark.parametrize("args,message", BAD_INFERENCE)
-def test_bad_inference_inputs(infer_ws, args, message):
-    out = infer_ws / "bad_out"
-    cmd = INFERENCE + ["--model_path", "both.pt", "--output_dir", str(out)] + args
+@pytest.mark.parametrize("entry,args,message", BAD_INPUTS)
+def test_bad_inputs_one_error_line_nothing_written(infer_ws, entry, args, message):
+    out = infer_ws / f"bad_{entry}"
+    model = ["--model_path", "both.pt"] if "--model_path" not in args else []
+    cmd = {
+        "inference": INFERENCE + model + ["--output_dir", str(out)],
+        "register": REGISTER + model + ["--output_dir", str(out)],
+        "evaluate": EVALUATE + model + ["--eval_dir", str(out), "--num_val", "0", "--num_test", "0"],
+        "train": TRAIN + ["--output_dir", str(out), "--ckpt_dir", str(out / "models"), "--epochs", "1"],
+    }[entry] + args
     proc = run(cmd, cwd=infer_ws, check=False)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and re.search(message, last), last
     assert not out.exists()
@@ -212,6 +280,7 @@ def test_resume_after_sigkill(tmp_path):
     latest = latest_checkpoint(ckpt_dir)
     assert latest is not None
     state = torch.load(latest, weights_only=True)  # never a corrupt file
+    assert "best" in state  # the best-model score travels with the resume checkpoint
     done = state["trainer"]["iteration"] // state["trainer"]["epoch_length"]  # Ignite keeps no epoch key
     assert done >= 2
     resumed = run(cmd[:-4] + ["--epochs", str(done + 1), "--resume", "True"], cwd=ws)
@@ -219,3 +288,35 @@ def test_resume_after_sigkill(tmp_path):
     assert f"Epoch[{done + 1}] Complete" in log and "Epoch[1] Complete" not in log
     final = torch.load(latest_checkpoint(ckpt_dir), weights_only=True)["trainer"]
     assert final["iteration"] // final["epoch_length"] == done + 1
+
+
+def test_documented_defaults_match_train_json():
+    """The bundle README's list of training options gives each default as train.json has it."""
+    text = (REPO / "bundle" / "docs" / "README.md").read_text()
+    paragraph = text[text.index("Every option is a top-level key") :].split("\n\n")[0]
+    documented = dict(re.findall(r"`(\w+)` \(([^)]*)\)", paragraph))
+    config = json.loads((REPO / "bundle" / "configs" / "train.json").read_text())
+    assert len(documented) >= 20
+    for key, value in documented.items():
+        assert key in config, f"documented option {key!r} is not a top-level key of train.json"
+        actual = config[key]
+        if isinstance(actual, str) and actual.startswith("$"):
+            continue  # an expression, described in words
+        literal = json.dumps(actual).strip('"')
+        assert re.split(r"[;:]", value)[0].strip() == literal, f"{key}: documented {value!r}, train.json {literal!r}"
+
+
+def test_short_amp_training_quiet_logs_epoch_length(tmp_path):
+    """amp: true trains (the loss decreases), epoch_length bounds an epoch, val_max_pairs bounds validation,
+    and the log has one summary line per epoch instead of a line per iteration."""
+    ws = workspace(tmp_path / "ws", num_subjects=4)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "bundle/configs/train.json"]
+    cmd += ["--amp", "True", "--epochs", "6", "--epoch_length", "4", "--batch_size", "4", "--val_max_pairs", "3"]
+    cmd += ["--num_val", "2", "--num_test", "0", "--learning_rate", "0.003"]
+    proc = run(cmd, cwd=ws)
+    log = proc.stdout + proc.stderr
+    losses = [float(v) for v in re.findall(r"epoch \d+/6: train_loss (-?[\d.]+)", log)]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert "Iter:" not in log  # no line per iteration
+    state = torch.load(latest_checkpoint(ws / "runs" / "train" / "checkpoints"), weights_only=True)
+    assert state["trainer"]["iteration"] == 6 * 4 and state["trainer"]["epoch_length"] == 4

@@ -46,7 +46,7 @@ def ws(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("command", ["register", "plot", "evaluate", "benchmark", "make-demo", "study"])
+@pytest.mark.parametrize("command", ["register", "plot", "evaluate", "benchmark", "make-demo", "study", "accuracy"])
 def test_help_for_each_command(ws, command):
     proc = cli([command, "--help"], ws)
     text = proc.stdout + proc.stderr  # fire prints help on stderr
@@ -61,10 +61,11 @@ def test_documented_cli_commands_run(ws):
     commands = [
         c for c in documented_commands(REPO / "bundle" / "docs" / "README.md") if c.startswith("python -m custom ")
     ]
-    assert any(" study " in c for c in commands)
+    assert any(" study " in c for c in commands) and any(" accuracy " in c for c in commands)
     for cmd in commands:
         extra = " --epochs 1 --num_val 2 --num_test 2 --batch_size 4" if " study " in cmd else ""
         extra += " --shape [32,32] --batch_size 2 --repeats 1" if " benchmark" in cmd else ""
+        extra += " --budget_minutes 0.05 --max_pairs 2 --refine_steps 2 --default_refine_steps 2" if " accuracy" in cmd else ""
         cli(cmd.replace("python -m custom ", "") + extra, ws)
 
 
@@ -84,7 +85,7 @@ def test_register_plot_evaluate(ws):
         ],
         ws,
     )
-    assert len(list((ws / "reg").iterdir())) == 3
+    assert len(list((ws / "reg").iterdir())) == 3 + 1  # warped, ddf, warped label and pairs_out.csv
     cli(["plot", "--split", "all", "--output_dir", "figs"], ws)
     assert sorted(p.name for p in (ws / "figs").iterdir()) == [
         "deformation_grid.png",
@@ -95,23 +96,75 @@ def test_register_plot_evaluate(ws):
     assert "dice_mean" in (ws / "ev" / "summary.md").read_text()
 
 
+S1, S2 = "data/demo/OASIS_OAS1_0001_MR1", "data/demo/OASIS_OAS1_0002_MR1"
+REGISTER = ["register", "--moving", f"{S2}/slice_norm.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"]
 BAD_ARGS = [
-    # (arguments, message in the one error line)
+    # (arguments, message in the one error line); every command writes to "out", which must not appear
     (["evaluate", "--model_path", "nothing.pt"], "model file 'nothing.pt' does not exist"),  # no weights
     (["plot", "--dataset_dir", "nowhere"], "dataset folder 'nowhere' does not exist"),  # no data
     (["make-demo", "data/demo"], "exists and is not empty"),  # never overwrites
     (["study", "--variants", "tiny"], "variants must be among"),  # unknown variant
     (["study", "--losses", "ssim"], "losses among"),  # unknown loss
     (["register", "--fixed", "x.nii.gz"], "give --moving and --fixed"),  # missing moving
+    (REGISTER + ["--refine_steps", "-1"], "refine_steps must be an integer >= 0"),  # negative steps
+    (REGISTER + ["--refine_lr", "0"], "refine_lr must be > 0"),  # zero learning rate
+    (["evaluate", "--refine_steps", "-3"], "refine_steps must be an integer >= 0"),  # negative steps
+    (["evaluate", "--refine_lr", "-1"], "refine_lr must be > 0"),  # negative learning rate
+    (["evaluate", "--label", "aligned_seg35"], "has no aligned_seg35.nii.gz"),  # label file that is missing
+    (["accuracy", "--peers", "elastix"], "peers must be among"),  # unknown peer
+    (["accuracy", "--test_subjects", "nobody"], "train and test subjects must be disjoint"),  # unknown subject
+    (["accuracy", "--refine_steps", "10,-1"], "refine_steps must be an integer >= 0"),  # negative steps
 ]
 
 
 @pytest.mark.parametrize("args,message", BAD_ARGS)
 def test_bad_arguments_one_line(ws, args, message):
-    proc = cli(args, ws, check=False)
+    out = "make-demo" if args[0] == "make-demo" else ["--output_dir", "out"]
+    proc = cli(args + ([] if out == "make-demo" else out), ws, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert message in proc.stderr.strip().splitlines()[-1]
+    assert not (ws / "out").exists()
+
+
+def test_accuracy_end_to_end(ws):
+    """The accuracy benchmark on tiny demo data: every row, measured in one run (ANTs when installed)."""
+    from custom.accuracy import ants_available
+
+    cli(
+        "accuracy --output_dir acc --budget_minutes 0.05 --max_pairs 3 --offset 2 --refine_steps 2,4 "
+        "--default_refine_steps 2 --batch_size 4",
+        ws,
+    )
+    table = (ws / "acc" / "accuracy.md").read_text()
+    rows = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines() if line.startswith("| ")]
+    expected = [
+        "identity (no registration)",
+        "ours (both)",
+        "ours + refine 2 steps",
+        "ours + refine 4 steps",
+        "refine 2 steps from zero (no network)",
+        "pretrained, synthetic data only (no training here)",
+        "pretrained + refine 2 steps",
+        "MONAI VoxelMorph (same data and budget)",
+    ] + (["ANTs SyN (antspyx)"] if ants_available() else [])
+    assert rows == ["method"] + expected
+    results = json.loads((ws / "acc" / "results.json").read_text())
+    identity = results["summary"]["identity (no registration)"]
+    assert identity["folding"]["mean"] == 0.0 and identity["sdlogj"]["mean"] == 0.0
+    for name in expected:
+        summary = results["summary"][name]
+        assert 0 <= summary["dice"]["mean"] <= 1 and summary["dice30"]["mean"] <= summary["dice"]["mean"] + 1e-9
+        assert len(results["pairs"][name]) == 3
+    # the test subject is never trained on
+    assert (ws / "acc" / "train_data" / "subjects.txt").read_text().split() == [
+        f"OASIS_OAS1_{i:04d}_MR1" for i in range(1, 12)
+    ]
+    # a second run reuses the trained models and measures every registration again
+    proc = cli("accuracy --output_dir acc --max_pairs 2 --offset 2 --refine_steps 2 --default_refine_steps 2 "
+               "--reuse_models True --peers monai", ws)
+    assert "reusing the ours model" in proc.stdout and "reusing the monai model" in proc.stdout
+    assert "models of an earlier run" in (ws / "acc" / "accuracy.md").read_text()
 
 
 def test_study_end_to_end(ws):

@@ -72,9 +72,31 @@ def test_demo_never_overwrites(tmp_path):
         make_demo(tmp_path / "mine", num_subjects=2, shape=(8, 8, 8))
     assert (tmp_path / "mine" / "keep.txt").read_text() == "user data"
     assert ensure_dataset(tmp_path / "mine") == str(tmp_path / "mine")  # existing: left alone
-    assert ensure_dataset(tmp_path / "new", num_subjects=2, shape=(8, 8, 8)) == str(tmp_path / "new")
+    assert ensure_dataset(tmp_path / "new", True, num_subjects=2, shape=(8, 8, 8)) == str(tmp_path / "new")
     assert len(find_subjects(tmp_path / "new")) == 2
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folder left
+
+
+def test_no_silent_fallback_to_synthetic_data(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="dataset folder '.*typo' does not exist"):
+        ensure_dataset(tmp_path / "typo")  # a mistyped path is an error, not synthetic data
+    assert not (tmp_path / "typo").exists()
+    monkeypatch.chdir(tmp_path)
+    assert ensure_dataset("data/demo", num_subjects=2, shape=(8, 8, 8)) == "data/demo"  # the default path only
+    assert len(find_subjects(tmp_path / "data" / "demo")) == 2
+
+
+def test_concurrent_demo_generation_is_safe(tmp_path):
+    """torchrun ranks may generate the demo data at once: every process ends with the one complete folder."""
+    import functools
+    import multiprocessing as mp
+
+    generate = functools.partial(ensure_dataset, generate=True, num_subjects=3, shape=(24, 24, 24))
+    with mp.get_context("spawn").Pool(3) as pool:
+        results = pool.map(generate, [str(tmp_path / "demo")] * 3)
+    assert results == [str(tmp_path / "demo")] * 3
+    assert len(find_subjects(tmp_path / "demo")) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no temp folder left
 
 
 @pytest.mark.parametrize(
@@ -103,9 +125,14 @@ def test_make_demo_cli(tmp_path):
 # --- discovery and splits ---------------------------------------------------------------------------------
 
 
-def test_find_subjects_auto_label(demo, real_data):
+def test_find_subjects_auto_label(demo, real_data, tmp_path):
     subjects = find_subjects(demo)
     assert len(subjects) == 6 and subjects[0]["label"].endswith("aligned_seg4.nii.gz")
+    # "auto" prefers the finest map every subject has: seg35 over seg4
+    _copy_subjects(demo, tmp_path, ["OASIS_OAS1_0001_MR1", "OASIS_OAS1_0002_MR1"])
+    for name in ("OASIS_OAS1_0001_MR1", "OASIS_OAS1_0002_MR1"):
+        (tmp_path / name / "aligned_seg35.nii.gz").write_bytes((tmp_path / name / "aligned_seg4.nii.gz").read_bytes())
+    assert find_subjects(tmp_path)[0]["label"].endswith("aligned_seg35.nii.gz")
     assert "label" not in find_subjects(demo, label=None)[0]
     assert find_subjects(demo, image="slice_norm")[0]["label"].endswith("slice_seg4.nii.gz")
     # real samples: only subject_c has a segmentation, so "auto" finds none common to all
@@ -142,6 +169,78 @@ def test_slice_norm_equals_slicing_aligned_norm(real_data):
     expected = nib.load(real_data / "subject_a" / "slice_norm.nii.gz").get_fdata(dtype=np.float32)[..., 0]
     assert frames[0]["image"].shape == (1, 160, 192)
     np.testing.assert_array_equal(frames[0]["image"][0].numpy(), expected)
+
+
+def _inference_tensors(moving, fixed, spatial_dims):
+    from custom.inference import RegistrationPairs
+
+    return RegistrationPairs(lambda: [{"moving": str(moving), "fixed": str(fixed)}], spatial_dims)[0]
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_training_and_inference_see_identical_tensors(demo, spatial_dims):
+    """One normalisation: a frame cut from a training volume equals the same frame read by inference from a file."""
+    s1, s2 = demo / "OASIS_OAS1_0001_MR1", demo / "OASIS_OAS1_0002_MR1"
+    z = TINY[2] // 2  # the demo's slice_norm is z of aligned_norm
+    item = {"image": str(s1 / "aligned_norm.nii.gz")}
+    frames = load_transforms(["image"], None, spatial_dims, slice_range=(z, z + 1))(item)
+    frame = frames[0]["image"] if spatial_dims == 2 else frames["image"]
+    name = "slice_norm.nii.gz" if spatial_dims == 2 else "aligned_norm.nii.gz"
+    inference = _inference_tensors(s1 / name, s2 / name, spatial_dims)
+    assert inference["moving"].shape == frame.shape and frame.max() == 1.0 and frame.min() == 0.0
+    assert torch.equal(inference["moving"], frame)
+    raw = nib.load(s1 / name).get_fdata(dtype=np.float32)
+    np.testing.assert_array_equal(inference["moving_raw"].numpy().reshape(raw.shape), raw)  # the writer's copy
+
+
+def test_real_training_and_inference_tensors_identical(real_data):
+    item = {"image": str(real_data / "subject_a" / "aligned_norm.nii.gz")}
+    frame = load_transforms(["image"], None, 2, slice_range=(109, 110))(item)[0]["image"]
+    slice_file = real_data / "subject_a" / "slice_norm.nii.gz"
+    assert torch.equal(_inference_tensors(slice_file, slice_file, 2)["fixed"], frame)
+
+
+def test_scale_foreground_hand_computed():
+    from custom.data.transforms import scale_foreground
+
+    x = torch.arange(101.0)  # background 0, foreground 1..100: the 99th percentile is 99
+    torch.testing.assert_close(scale_foreground(x), (x / 99).clamp(max=1))
+    assert scale_foreground(x, 50.0)[50] == 1.0 and scale_foreground(x, 50.0)[25] == 0.5
+    shifted = torch.tensor([-2.0, -1.0, 0.0, 2.0])  # minimum -2 to 0; the foreground is above the minimum
+    torch.testing.assert_close(scale_foreground(shifted, 100.0), torch.tensor([0.0, 0.25, 0.5, 1.0]))
+    assert torch.equal(scale_foreground(torch.full((4, 4), 3.0)), torch.zeros(4, 4))  # constant: zeros
+
+
+def test_scale_foreground_barely_depends_on_the_field_of_view(real_data):
+    """Why not min-max: a real slice scaled on its own matches the same slice scaled with its whole volume."""
+    from custom.data.transforms import scale_foreground
+
+    volume = torch.from_numpy(nib.load(real_data / "subject_c" / "aligned_norm.nii.gz").get_fdata(dtype=np.float32))
+    ours, minmax = [], []
+    for z in (60, 109, 150):  # low, middle, high slices
+        image = volume[:, :, z]
+        in_volume = scale_foreground(volume)[:, :, z]
+        ours.append(float((scale_foreground(image) - in_volume).abs().mean() / in_volume.mean()))
+        minmax.append(float((image / image.max() - image / volume.max()).abs().mean() / (image / volume.max()).mean()))
+    assert max(ours) < 0.05  # relative difference of a few percent at most
+    assert sum(minmax) > 5 * sum(ours)  # min-max scaling differs by up to ~100%
+
+
+def test_bad_normalisation_percentile():
+    from custom.data.transforms import ScaleForegroundd
+
+    with pytest.raises(ValueError, match=r"percentile must be in \(0, 100\], got 0"):
+        ScaleForegroundd(["image"], 0)
+
+
+def test_max_pairs_bounds_the_pairs_evenly(demo):
+    every = build_pair_dataset(demo, "all", 2, "intra_volume", label=None)
+    bounded = build_pair_dataset(demo, "all", 2, "intra_volume", label=None, max_pairs=5)
+    assert len(bounded) == 5 < len(every)
+    step = len(every) / 5
+    assert bounded.pairs == [every.pairs[int(i * step)] for i in range(5)]  # spread over all of them
+    with pytest.raises(ValueError, match="max_pairs must be >= 1 or null, got 0"):
+        build_pair_dataset(demo, "all", 2, "intra_volume", label=None, max_pairs=0)
 
 
 def test_real_labels_survive_slicing(real_data):
@@ -216,12 +315,15 @@ BUILD_CASES = [(s, nd) for s in PAIR_STRATEGIES for nd in (2, 3) if (s, nd) != (
 
 @pytest.mark.parametrize("strategy,nd", BUILD_CASES)
 def test_every_strategy_builds_on_demo(demo, strategy, nd):
-    ds = build_pair_dataset(demo, "val", nd, strategy, num_val=2 if strategy != "orig_to_norm" else 1, num_test=1)
+    synth = {"synth_shape": (32,) * nd, "synth_pairs": 8} if strategy == "synthetic" else {}
+    num_val = 2 if strategy != "orig_to_norm" else 1
+    ds = build_pair_dataset(demo, "val", nd, strategy, num_val=num_val, num_test=1, **synth)
     item = ds[0]
     assert item["moving"].shape == item["fixed"].shape and item["moving"].dim() == nd + 1
     assert item["moving_label"].dtype == torch.int32
-    train = build_pair_dataset(demo, "train", nd, strategy, num_val=1, num_test=1)
-    assert train[0]["moving"].shape == item["moving"].shape and "moving_label" not in train[0]
+    train = build_pair_dataset(demo, "train", nd, strategy, num_val=1, num_test=1, **synth)
+    assert train[0]["moving"].shape == item["moving"].shape
+    assert strategy == "synthetic" or "moving_label" not in train[0]  # real training pairs load no labels
 
 
 def test_train_pairs_redrawn_each_epoch_validation_fixed(demo):

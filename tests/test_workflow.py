@@ -1,6 +1,6 @@
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 from custom import RegistrationNet
 from custom.workflow import AtomicCheckpointSaver, PairLoss, WarpedNCC, latest_checkpoint, prepare_pair_batch
@@ -24,6 +24,28 @@ def test_pair_loss_analytic(similarity, weight, expected):
     image = torch.rand(2, 1, 16, 16)
     loss = PairLoss(2, similarity, weight)(torch.zeros(2, 2, 16, 16), torch.cat([image, image], 1))
     assert loss.item() == pytest.approx(expected, abs=1e-4)
+
+
+AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+def test_pair_loss_finite_under_autocast(dtype):
+    """amp: the loss of a real network on pairs with zero background stays finite with finite gradients."""
+    torch.manual_seed(0)
+    pair = torch.zeros(2, 2, 48, 56)
+    pair[:, :, 8:40, 10:46] = torch.rand(2, 2, 32, 36)  # brain-like: a foreground inside zeros
+    net = RegistrationNet(2, "both")
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            ddf = net(pair)
+            loss = PairLoss(2, "lncc", 1.0)(ddf, pair)
+    except RuntimeError as error:  # a torch build without this CPU autocast dtype
+        pytest.skip(f"CPU autocast with {dtype} is not available: {error}")
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 def test_pair_loss_adds_weighted_smoothness():
@@ -50,11 +72,46 @@ def test_warped_ncc_metric_over_an_epoch():
     assert engine.state.metrics["ncc"] == pytest.approx(1.0, abs=1e-4)
 
 
-def test_latest_checkpoint_is_numeric(tmp_path):
+def test_latest_checkpoint_is_numeric_and_of_the_current_run(tmp_path):
     assert latest_checkpoint(tmp_path) is None
     for epoch in (2, 9, 10):
         (tmp_path / f"checkpoint_{epoch}.pt").write_bytes(b"")
-    assert latest_checkpoint(tmp_path).endswith("checkpoint_10.pt")
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_10.pt")  # no run.json: any checkpoint
+    (tmp_path / "run.json").write_text('{"run_id": "new"}')
+    (tmp_path / "old_checkpoint_50.pt").write_bytes(b"")  # a stale file of an earlier run
+    assert latest_checkpoint(tmp_path) is None
+    for epoch in (3, 4):
+        (tmp_path / f"new_checkpoint_{epoch}.pt").write_bytes(b"")
+    assert latest_checkpoint(tmp_path).endswith("new_checkpoint_4.pt")
+
+
+def test_best_score_survives_a_restart(tmp_path):
+    """The best-model saver's state (its best score) restored in a new process: a worse score saves nothing."""
+    net = RegistrationNet(2, "both")
+
+    def evaluator(scores):
+        engine = Engine(lambda e, b: None)
+        engine.add_event_handler(
+            Events.EPOCH_COMPLETED, lambda e: e.state.metrics.__setitem__("val_ncc", scores[e.state.epoch - 1])
+        )
+        return engine
+
+    first = AtomicCheckpointSaver(str(tmp_path), {"network": net}, "EPOCH_COMPLETED", "model.pt", "val_ncc")
+    engine = evaluator([0.5, 0.3])
+    first.attach(engine)
+    engine.run([0], max_epochs=2)
+    saved = (tmp_path / "model.pt").stat().st_mtime_ns
+    state = first.checkpoint.state_dict()
+    with torch.no_grad():
+        net.flow.bias.fill_(1.0)  # a later, worse model
+    second = AtomicCheckpointSaver(str(tmp_path), {"network": net}, "EPOCH_COMPLETED", "model.pt", "val_ncc")
+    engine = evaluator([0.4, 0.6])
+    second.attach(engine)
+    second.checkpoint.load_state_dict(state)
+    engine.run([0], max_epochs=1)
+    assert (tmp_path / "model.pt").stat().st_mtime_ns == saved  # 0.4 < 0.5: kept
+    engine.run([0], max_epochs=2)
+    assert (tmp_path / "model.pt").stat().st_mtime_ns != saved  # 0.6 > 0.5: replaced
 
 
 def test_atomic_saver_fixed_name_and_rotation(tmp_path):

@@ -3,6 +3,7 @@ and the synthetic demo dataset."""
 
 from custom.data.demo import DEMO_SHAPE, ensure_dataset, make_demo
 from custom.data.oasis import IMAGE_FILES, LABEL_FILES, find_subjects, split_subjects
+from custom.data.synth import SYNTH_SHAPES, SyntheticPairs
 from custom.data.pairs import PAIR_STRATEGIES, PairDataset, PairResampler, build_pair_dataset, load_units, make_pairs
 from custom.data.transforms import CheckVolumed, ExtractSlicesd, foreground_slices, load_transforms
 
@@ -15,6 +16,8 @@ __all__ = [
     "ExtractSlicesd",
     "PairDataset",
     "PairResampler",
+    "SYNTH_SHAPES",
+    "SyntheticPairs",
     "build_pair_dataset",
     "ensure_dataset",
     "find_subjects",

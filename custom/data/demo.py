@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import nibabel as nib
 import numpy as np
@@ -28,6 +28,7 @@ __all__ = ["DEMO_SHAPE", "SEG4_LABELS", "make_demo", "ensure_dataset"]
 DEMO_SHAPE = (80, 96, 112)
 SEG4_LABELS = {1: "cortex", 2: "subcortical grey matter", 3: "white matter", 4: "CSF"}
 _MARKER = "demo.json"
+DEMO_DIR = "data/demo"
 logger = logging.getLogger(__name__)
 _AFFINE = np.diag([-1.0, 1.0, 1.0, 1.0])
 
@@ -145,18 +146,35 @@ def make_demo(
     return target
 
 
-def ensure_dataset(dataset_dir: Union[str, Path], **demo_options) -> str:
-    """Return ``dataset_dir``, generating the demo data there first when it does not exist.
+def ensure_dataset(dataset_dir: Union[str, Path], generate: Optional[bool] = None, **demo_options) -> str:
+    """Return ``dataset_dir``, generating the demo data there first when it is missing and that is asked for.
+
+    A mistyped path must not silently train on synthetic data: a missing folder is generated only when
+    ``generate`` is true (the configs' ``make_demo``), or when it is ``None`` (the default) and ``dataset_dir`` is
+    the default ``data/demo``.
+    Several processes (``torchrun`` ranks) may call this at once: the first to finish writes the folder, the
+    others use it.
 
     Args:
-        dataset_dir: a dataset root; created with :func:`make_demo` only when missing.
+        dataset_dir: a dataset root.
+        generate: generate the demo data when ``dataset_dir`` is missing (``None``: only for ``data/demo``).
         demo_options: passed to :func:`make_demo`.
+
+    Raises:
+        FileNotFoundError: when ``dataset_dir`` is missing and is not to be generated.
     """
     path = Path(dataset_dir)
-    if not path.exists():
-        logger.warning(
-            "dataset_dir %r does not exist: writing the synthetic demo dataset there (for real data, check the path).",
-            str(path),
+    if path.exists():
+        return str(path)
+    if not (generate or (generate is None and path == Path(DEMO_DIR))):
+        raise FileNotFoundError(
+            f"dataset folder {str(path)!r} does not exist (the synthetic demo data is generated only at "
+            f"{DEMO_DIR!r}, or anywhere with --make_demo True)."
         )
+    logger.warning("dataset_dir %r does not exist: writing the synthetic demo dataset there.", str(path))
+    try:
         make_demo(path, **demo_options)
+    except (OSError, FileExistsError):
+        if not (path / _MARKER).is_file():  # not another process's finished copy: a real failure
+            raise
     return str(path)

@@ -11,7 +11,8 @@ from typing import Dict, List, Optional, Sequence, Union
 __all__ = ["IMAGE_FILES", "LABEL_FILES", "find_subjects", "split_subjects", "resolve_label"]
 
 IMAGE_FILES = ("aligned_norm", "aligned_orig", "slice_norm")
-LABEL_FILES = ("aligned_seg4", "aligned_seg35", "aligned_aseg", "slice_seg4", "slice_seg24", "slice_aseg")
+# finest first: label="auto" takes the first one every subject has
+LABEL_FILES = ("aligned_aseg", "aligned_seg35", "aligned_seg4", "slice_aseg", "slice_seg24", "slice_seg4")
 SUFFIX = ".nii.gz"
 
 
@@ -20,7 +21,8 @@ def _file(folder: Path, name: str) -> Path:
 
 
 def resolve_label(folders: Sequence[Path], label: Optional[str], image: str) -> Optional[str]:
-    """Pick the label file name: ``None`` for none, ``"auto"`` for the first label file every subject has.
+    """Pick the label file name: ``None`` for none, ``"auto"`` for the finest label map every subject has
+    (``aligned_aseg``, then ``aligned_seg35``, then ``aligned_seg4``; ``slice_*`` alike).
 
     ``"auto"`` only considers label files of the image's kind (``aligned_*`` for volumes, ``slice_*`` for
     slices) and gives ``None`` when no label file is common to all subjects.

@@ -8,6 +8,8 @@ with ``image``, optional ``label`` and optional ``orig`` tensors and its ``subje
 - ``atlas``: one fixed subject for all; moving from the rest, same slice index.
 - ``intra_volume``: fixed = slice z, moving = slice z + offset of the same volume (2-D only).
 - ``orig_to_norm``: the subject's ``aligned_orig`` (moving) to its ``aligned_norm`` (fixed).
+- ``synthetic``: no frames: pairs generated on the fly from random label maps (:mod:`custom.data.synth`), plus
+  the dataset's label maps when it has them.
 """
 
 import logging
@@ -20,12 +22,14 @@ import torch
 from monai.data import CacheDataset
 
 from custom.data.oasis import find_subjects, split_subjects
+from custom.data.synth import SyntheticPairs
 from custom.data.transforms import load_transforms
+from custom.errors import user_error
 from custom.networks import check_spatial_dims
 
 __all__ = ["PAIR_STRATEGIES", "PairDataset", "PairResampler", "load_units", "make_pairs", "build_pair_dataset"]
 
-PAIR_STRATEGIES = ("inter_subject", "atlas", "intra_volume", "orig_to_norm")
+PAIR_STRATEGIES = ("inter_subject", "atlas", "intra_volume", "orig_to_norm", "synthetic")
 Pair = Tuple[int, int, str]
 logger = logging.getLogger(__name__)
 
@@ -54,6 +58,8 @@ def make_pairs(
     """
     if strategy not in PAIR_STRATEGIES:
         raise ValueError(f"pair_strategy must be one of {PAIR_STRATEGIES}, got {strategy!r}.")
+    if strategy == "synthetic":
+        raise ValueError("pair_strategy 'synthetic' generates its pairs (custom.data.SyntheticPairs); it pairs no frames.")
     subjects = sorted({u["subject"] for u in units})
     at: Dict[Tuple[str, int], int] = {(u["subject"], u["index"]): i for i, u in enumerate(units)}
     by_index: Dict[int, List[int]] = defaultdict(list)
@@ -108,6 +114,7 @@ class PairDataset(torch.utils.data.Dataset):
         resample: draw new random pairs at each :meth:`set_epoch` (training); otherwise the pairs stay fixed.
         offset: slice distance for ``intra_volume``.
         atlas: fixed subject for ``atlas``.
+        max_pairs: keep at most this many pairs, evenly spread over all of them (bounds validation work).
     """
 
     def __init__(
@@ -118,14 +125,18 @@ class PairDataset(torch.utils.data.Dataset):
         resample: bool = False,
         offset: int = 1,
         atlas: Optional[str] = None,
+        max_pairs: Optional[int] = None,
     ) -> None:
+        if max_pairs is not None and max_pairs < 1:
+            raise ValueError(f"max_pairs must be >= 1 or null, got {max_pairs!r}.")
         self.units = units
         self.strategy = strategy
         self.seed = seed
         self.resample = resample
         self.offset = offset
         self.atlas = atlas
-        self.pairs = make_pairs(units, strategy, random.Random(seed), offset, atlas)
+        self.max_pairs = max_pairs
+        self.pairs = self._draw(seed)
         for m, f, key in self.pairs:
             ms, fs = tuple(units[m][key].shape), tuple(units[f]["image"].shape)
             if ms != fs:
@@ -138,12 +149,17 @@ class PairDataset(torch.utils.data.Dataset):
         u = self.units[i]
         return f"{u['subject']}:{u['index']}" if u["index"] >= 0 else u["subject"]
 
+    def _draw(self, seed: int) -> List[Pair]:
+        pairs = make_pairs(self.units, self.strategy, random.Random(seed), self.offset, self.atlas)
+        if self.max_pairs is None or len(pairs) <= self.max_pairs:
+            return pairs
+        step = len(pairs) / self.max_pairs
+        return [pairs[int(i * step)] for i in range(self.max_pairs)]
+
     def set_epoch(self, epoch: int) -> None:
         """Re-draw the random pairs for ``epoch`` (only when ``resample``); deterministic given the seed."""
         if self.resample:
-            self.pairs = make_pairs(
-                self.units, self.strategy, random.Random(self.seed + epoch), self.offset, self.atlas
-            )
+            self.pairs = self._draw(self.seed + epoch)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -170,16 +186,6 @@ class PairResampler:
         engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.dataset.set_epoch(e.state.epoch))
 
 
-def _unwrap(error: BaseException) -> BaseException:
-    """The first of our clear errors (ValueError / FileNotFoundError) inside MONAI's transform wrapping."""
-    e: Optional[BaseException] = error
-    while e is not None:
-        if isinstance(e, (ValueError, FileNotFoundError)) and "applying transform" not in str(e):
-            return e
-        e = e.__cause__
-    return error
-
-
 def load_units(
     subjects: Sequence[Dict[str, str]],
     spatial_dims: int,
@@ -201,8 +207,8 @@ def load_units(
         cached = CacheDataset(list(subjects), transform, cache_rate=1.0, num_workers=num_workers, progress=False)
         items = [cached[i] for i in range(len(cached))]
     except Exception as error:  # MONAI wraps transform errors in RuntimeError: surface the real one
-        cause = _unwrap(error)
-        if cause is error or not isinstance(cause, (ValueError, FileNotFoundError)):
+        cause = user_error(error)
+        if cause is None:
             files = [s["image"] for s in subjects]
             raise ValueError(f"could not read the subjects' files ({files[0]}, ...): {cause}") from error
         raise cause from None
@@ -230,7 +236,10 @@ def build_pair_dataset(
     offset: int = 1,
     atlas: Optional[str] = None,
     num_workers: int = 0,
-) -> PairDataset:
+    synth_shape: Optional[Sequence[int]] = None,
+    synth_pairs: int = 256,
+    max_pairs: Optional[int] = None,
+) -> Union[PairDataset, SyntheticPairs]:
     """Discover, split, load and pair a neurite-OASIS-style dataset: what the bundle configs call.
 
     Args:
@@ -248,6 +257,9 @@ def build_pair_dataset(
         offset: slice distance for ``intra_volume``.
         atlas: fixed subject for ``atlas`` (it is added to the split's frames when it belongs to another split).
         num_workers: loader threads for caching.
+        synth_shape: spatial shape of ``synthetic`` pairs (default :data:`~custom.data.synth.SYNTH_SHAPES`).
+        synth_pairs: ``synthetic`` pairs per training epoch (validation and test: an eighth, at least 8, fixed).
+        max_pairs: at most this many pairs, evenly spread (e.g. ``val_max_pairs`` for validation).
 
     Raises:
         ValueError / FileNotFoundError: for bad data or options, naming the file or subject.
@@ -257,6 +269,8 @@ def build_pair_dataset(
         raise ValueError(f"pair_strategy must be one of {PAIR_STRATEGIES}, got {pair_strategy!r}.")
     if split not in ("train", "val", "test", "all"):
         raise ValueError(f"split must be 'train', 'val', 'test' or 'all', got {split!r}.")
+    if pair_strategy == "synthetic":
+        return _synthetic(dataset_dir, split, spatial_dims, image, slice_axis, seed, synth_shape, synth_pairs)
     extra = ("aligned_orig",) if pair_strategy == "orig_to_norm" else ()
     if split == "train":
         label = None  # training is unsupervised: labels would only take cache memory
@@ -271,4 +285,16 @@ def build_pair_dataset(
         chosen = [s for s in subjects if s["subject"] == name][:1] + [s for s in chosen if s["subject"] != name]
     units = load_units(chosen, spatial_dims, slice_axis, slice_range, num_workers)
     logger.info("%s split: %d subjects, %d frames", split, len(chosen), len(units))
-    return PairDataset(units, pair_strategy, seed, resample=split == "train", offset=offset, atlas=atlas)
+    return PairDataset(units, pair_strategy, seed, split == "train", offset, atlas, max_pairs)
+
+
+def _synthetic(dataset_dir, split, spatial_dims, image, slice_axis, seed, shape, pairs) -> SyntheticPairs:
+    """Synthetic pairs, deforming the dataset's label maps (when every subject has one) half of the time."""
+    subjects = find_subjects(dataset_dir, image, "auto")
+    label_maps = []
+    if subjects and "label" in subjects[0]:
+        label_maps = [u["label"] for u in load_units(subjects, spatial_dims, slice_axis)]
+    if split == "train":
+        return SyntheticPairs(spatial_dims, shape, pairs, seed, resample=True, label_maps=label_maps)
+    offset = ("val", "test", "all").index(split) + 1
+    return SyntheticPairs(spatial_dims, shape, max(8, pairs // 8), seed + 1000 * offset, False, label_maps=label_maps)

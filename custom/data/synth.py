@@ -1,0 +1,152 @@
+"""Synthetic training pairs, generated on the fly (after SynthMorph, Hoffmann et al., IEEE TMI 2022).
+
+Each pair comes from one random label map: the argmax of smoothed noise images (SynthMorph's "shapes"), inside a
+smooth head-like mask whose outside is background (0, as in skull-stripped scans), or a label map of the demo
+subjects when given. Two random smooth diffeomorphic deformations (integrated stationary velocity fields) of that
+map give the moving and the fixed label maps. Every pair gets its own random intensity per label (so the network
+cannot rely on one contrast; both images of a pair share it, as the image-similarity training loss needs), then
+each image gets MONAI's random blur, bias field, gamma and noise, and the training normalisation
+(:func:`~custom.data.transforms.scale_foreground`). Nothing is written to disk; the same seed, epoch
+and index give the same pair.
+"""
+
+import math
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import Compose, RandAdjustContrast, RandBiasField, RandGaussianNoise, RandGaussianSmooth
+
+from custom.data.transforms import scale_foreground
+from custom.networks import check_spatial_dims
+from custom.warp import SpatialTransformer, VelocityIntegration
+
+__all__ = ["SYNTH_SHAPES", "SyntheticPairs"]
+
+SYNTH_SHAPES = {2: (160, 192), 3: (96, 112, 128)}
+
+
+def _smooth_noise(gen: torch.Generator, channels: int, shape: Sequence[int], cells: int) -> torch.Tensor:
+    """``(1, channels, *shape)`` noise, smooth at ``cells`` random values along the largest axis (linear
+    upsampling of a coarse grid)."""
+    coarse = [max(2, math.ceil(cells * n / max(shape))) for n in shape]
+    low = torch.randn(1, channels, *coarse, generator=gen)
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    return F.interpolate(low, size=tuple(shape), mode=mode, align_corners=True)
+
+
+class SyntheticPairs(torch.utils.data.Dataset):
+    """A dataset of synthetic (moving, fixed) pairs with their label maps, re-drawn every epoch or fixed.
+
+    Items: ``moving``, ``fixed`` ``(1, *shape)`` float in [0, 1]; ``moving_label``, ``fixed_label`` ``(1, *shape)``
+    int32; ``moving_id``, ``fixed_id``.
+
+    Args:
+        spatial_dims: 2 or 3.
+        shape: spatial shape of the pairs; default :data:`SYNTH_SHAPES`.
+        length: pairs per epoch.
+        seed: the generator seed.
+        resample: new pairs at each :meth:`set_epoch` (training); otherwise always the same (validation).
+        num_labels: labels of a "shapes" label map.
+        max_displacement: standard deviation of the velocity field, in voxels (the deformations reach about
+            twice that).
+        label_maps: optional label maps ``(1, *S)`` to deform instead of "shapes" half of the time (e.g. the demo
+            subjects' ``seg4``); resized to ``shape`` (nearest).
+
+    Raises:
+        ValueError: for bad sizes.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        shape: Optional[Sequence[int]] = None,
+        length: int = 256,
+        seed: int = 0,
+        resample: bool = True,
+        num_labels: int = 16,
+        max_displacement: float = 3.0,
+        label_maps: Optional[List[torch.Tensor]] = None,
+    ) -> None:
+        self.spatial_dims = check_spatial_dims(spatial_dims)
+        self.shape = tuple(int(n) for n in (shape or SYNTH_SHAPES[self.spatial_dims]))
+        if len(self.shape) != self.spatial_dims or min(self.shape) < 16:
+            raise ValueError(f"synthetic shape must be {spatial_dims} sizes of at least 16, got {list(self.shape)}.")
+        if length < 1 or num_labels < 2:
+            raise ValueError(f"need length >= 1 and num_labels >= 2, got {length} and {num_labels}.")
+        self.length = length
+        self.seed = seed
+        self.resample = resample
+        self.epoch = 0
+        self.num_labels = num_labels
+        self.max_displacement = float(max_displacement)
+        self.label_maps = [
+            F.interpolate(m[None].float(), size=self.shape, mode="nearest")[0].int() for m in (label_maps or [])
+        ]
+        self.warp_labels = SpatialTransformer("nearest")
+        self.integrate = VelocityIntegration(5)
+        self.intensity = Compose(
+            [
+                RandGaussianSmooth((0.3, 1.2), (0.3, 1.2), (0.3, 1.2), prob=1.0),
+                RandBiasField(degree=3, coeff_range=(0.0, 0.3), prob=1.0),
+                RandAdjustContrast(prob=1.0, gamma=(0.7, 1.5)),
+                RandGaussianNoise(prob=1.0, std=0.03),
+            ]
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """New random pairs for ``epoch`` (only when ``resample``)."""
+        if self.resample:
+            self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _labels(self, gen: torch.Generator) -> torch.Tensor:
+        """A base label map ``(1, 1, *shape)``: "shapes" in a head-like mask, or a given label map."""
+        if self.label_maps and torch.rand(1, generator=gen) < 0.5:
+            return self.label_maps[int(torch.randint(len(self.label_maps), (1,), generator=gen))][None]
+        cells = int(torch.randint(6, 24, (1,), generator=gen))
+        labels = _smooth_noise(gen, self.num_labels, self.shape, cells).argmax(1, keepdim=True) + 1
+        axes = [torch.linspace(-1, 1, n) for n in self.shape]
+        radius = torch.sqrt(sum(g**2 for g in torch.meshgrid(*axes, indexing="ij")))[None, None]
+        outside = radius + 0.1 * _smooth_noise(gen, 1, self.shape, 5) > 0.85
+        return labels.masked_fill(outside, 0).int()
+
+    def _deform(self, gen: torch.Generator, labels: torch.Tensor) -> torch.Tensor:
+        """``labels`` warped by a random smooth diffeomorphism, integrated on a grid 4x coarser (it is smooth at
+        a tenth of the image) and upsampled."""
+        coarse = [max(4, n // 4) for n in self.shape]
+        velocity = (self.max_displacement / 4) * _smooth_noise(gen, self.spatial_dims, coarse, 10)
+        mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+        ddf = 4 * F.interpolate(self.integrate(velocity), size=self.shape, mode=mode, align_corners=True)
+        return self.warp_labels(labels, ddf)
+
+    def _image(self, means: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:
+        image = means[labels.long()][0]  # (1, *shape)
+        self.intensity.set_random_state(seed)
+        image = torch.as_tensor(self.intensity(image)).float() * (labels[0] > 0)
+        return scale_foreground(image.clamp(min=0))
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.length:
+            raise IndexError(f"index {i} out of range for {self.length} synthetic pairs.")
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            base = self._labels(gen)
+            moving_label, fixed_label = self._deform(gen, base), self._deform(gen, base)
+            means = torch.rand(int(base.max()) + 1, generator=gen)  # a new contrast for every pair
+            means[0] = 0.0  # background stays empty, as in skull-stripped scans
+            moving = self._image(means, moving_label, seed)
+            fixed = self._image(means, fixed_label, seed + 1)
+        name = f"synthetic:{self.epoch}:{i}"
+        return {
+            "moving": moving,
+            "fixed": fixed,
+            "moving_label": moving_label[0],
+            "fixed_label": fixed_label[0],
+            "moving_id": f"{name}:moving",
+            "fixed_id": f"{name}:fixed",
+        }
