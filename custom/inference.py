@@ -232,8 +232,7 @@ class RegistrationPairs(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         item = self.pairs[i]
-        fixed = nib.load(item["fixed"])
-        reference = fixed if self.resample else None
+        reference = nib.load(item["fixed"]) if self.resample else None
         moving = self._load(item["moving"], np.float32, reference)
         out = {
             "moving": moving,
