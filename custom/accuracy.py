@@ -32,7 +32,7 @@ from custom.io import atomic_write_text
 from custom.metrics import folding_stats, jacobian_determinant, label_scores
 from custom.networks import RegistrationNet, check_spatial_dims
 from custom.pretrained import pretrained_path
-from custom.study import bundle_dir, train_run
+from custom.study import as_list, bundle_dir, train_run
 from custom.refine import RegistrationInferer, check_refine_options
 from custom.warp import SpatialTransformer
 
@@ -189,12 +189,6 @@ def to_markdown(results: Dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _as_list(value: Union[str, Sequence]) -> list:
-    if isinstance(value, (int, float)):
-        return [value]
-    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
-
-
 def run_accuracy(
     dataset_dir: str = "data/demo",
     train_subjects: Union[str, Sequence[str]] = (),
@@ -263,10 +257,10 @@ def run_accuracy(
         ValueError / FileNotFoundError: for bad options or data.
     """
     spatial_dims = check_spatial_dims(spatial_dims)
-    steps_list = [int(s) for s in _as_list(refine_steps)]
+    steps_list = [int(s) for s in as_list(refine_steps)]
     for steps in steps_list + [default_refine_steps]:
         check_refine_options(steps, refine_lr, refine_smooth_weight)
-    peers = _as_list(peers)
+    peers = as_list(peers)
     unknown = [p for p in peers if p not in ("monai", "ants")]
     if unknown:
         raise ValueError(f"peers must be among ['monai', 'ants'], got {unknown}.")
@@ -277,8 +271,8 @@ def run_accuracy(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     root, out = Path(ensure_dataset(dataset_dir)), Path(output_dir)
     every = [s["subject"] for s in find_subjects(root, image, None)]
-    tests = _as_list(test_subjects) or every[-1:]
-    trains = _as_list(train_subjects) or [s for s in every if s not in tests]
+    tests = as_list(test_subjects) or every[-1:]
+    trains = as_list(train_subjects) or [s for s in every if s not in tests]
     missing = [s for s in trains + tests if s not in every]
     if missing or set(trains) & set(tests) or not trains:
         raise ValueError(

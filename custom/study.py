@@ -19,6 +19,7 @@ from ignite.handlers import TimeLimit
 
 from custom.benchmark import machine_description, measure_model, multiply_adds
 from custom.io import atomic_write_text
+from custom.workflow import iteration_loss
 from custom.networks import VARIANTS, RegistrationNet, check_spatial_dims, count_parameters
 
 __all__ = ["DEFAULT_SMOOTH_WEIGHT", "bundle_dir", "bundle_workflow", "run_study", "train_run"]
@@ -31,7 +32,10 @@ def bundle_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "bundle"
 
 
-def _as_list(value: Union[str, Sequence[str]]) -> List[str]:
+def as_list(value: Union[str, int, float, Sequence]) -> list:
+    """A command-line list: ``"a,b"`` (split on commas), a single number, or a sequence as it is."""
+    if isinstance(value, (int, float)):
+        return [value]
     return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
 
 
@@ -56,8 +60,7 @@ def train_run(overrides: dict, max_minutes: Optional[float], max_steps: Optional
 
     def _done(engine):
         record["step_s"].append(time.perf_counter() - started[0])
-        output = engine.state.output
-        record["losses"].append(float((output[0] if isinstance(output, list) else output)["loss"]))
+        record["losses"].append(iteration_loss(engine))
 
     def _epoch(engine):
         record["curve"].append(sum(record["losses"]) / max(len(record["losses"]), 1))
@@ -189,7 +192,7 @@ def run_study(
         The report path.
     """
     spatial_dims = check_spatial_dims(spatial_dims)
-    variants, losses = _as_list(variants), _as_list(losses)
+    variants, losses = as_list(variants), as_list(losses)
     bad = [v for v in variants if v not in VARIANTS] + [s for s in losses if s not in DEFAULT_SMOOTH_WEIGHT]
     if bad or not variants or not losses:
         raise ValueError(

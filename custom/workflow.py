@@ -37,6 +37,7 @@ __all__ = [
     "AtomicCheckpointSaver",
     "EpochSummary",
     "enable_resume",
+    "iteration_loss",
     "PairLoss",
     "PairMetricsWriter",
     "WarpedNCC",
@@ -94,6 +95,12 @@ class PairLoss(nn.Module):
             return self.similarity(warped, pair[:, 1:]) + self.smooth_weight * self.smoothness(ddf)
 
 
+def iteration_loss(engine: Engine) -> float:
+    """The loss of a MONAI trainer's last iteration (its output is a dict, or a list of dicts once decollated)."""
+    output = engine.state.output
+    return float((output[0] if isinstance(output, list) else output)["loss"])
+
+
 class EpochSummary:
     """Trainer handler: one log line per epoch (mean loss, seconds, iterations per second) instead of a line per
     iteration; the progress bar shows the iterations and TensorBoard keeps the per-iteration loss.
@@ -118,8 +125,7 @@ class EpochSummary:
         self._start = time.perf_counter()
 
     def _iteration(self, engine: Engine) -> None:
-        output = engine.state.output
-        self._losses.append(float((output[0] if isinstance(output, list) else output)["loss"]))
+        self._losses.append(iteration_loss(engine))
 
     def _completed(self, engine: Engine) -> None:
         seconds = time.perf_counter() - self._start
