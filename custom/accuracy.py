@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from custom.data.demo import ensure_dataset
+from custom.data.frames import SubjectFrames
 from custom.data.oasis import find_subjects
-from custom.data.pairs import PairDataset, load_units
+from custom.data.pairs import PairDataset
 from custom.io import atomic_write_text
 from custom.metrics import folding_stats, jacobian_determinant, label_scores
 from custom.networks import RegistrationNet, check_spatial_dims
@@ -303,9 +304,8 @@ def run_accuracy(
     test_items = find_subjects(_linked_root(out / "test_data", root, tests), image, label)
     if not test_items or "label" not in test_items[0]:
         raise ValueError(f"the test subjects {tests} need a label map (label={label!r} found none common to them).")
-    units = load_units(test_items, spatial_dims)
     strategy = "intra_volume" if spatial_dims == 2 else "inter_subject"
-    dataset = PairDataset(units, strategy, seed, offset=offset)
+    dataset = PairDataset(SubjectFrames(test_items, spatial_dims), strategy, seed, offset=offset)
     picks = np.unique(np.linspace(0, len(dataset) - 1, min(max_pairs, len(dataset))).round().astype(int))
     pairs = [dataset[int(i)] for i in picks]
     print(f"{len(pairs)} test pairs from {tests}; training on {trains}", flush=True)

@@ -1,5 +1,5 @@
 """``python -m custom <command>`` (or ``vxm-lite <command>``): register, plot, evaluate, benchmark, make-demo, study,
-accuracy, pretrain.
+accuracy, pretrain, scale.
 
 Each command runs the same code as the bundle (its configs or the functions they call). Bad arguments and bad
 input stop with one ``error:`` line and exit code 2.
@@ -14,6 +14,7 @@ import fire
 from custom.accuracy import run_accuracy
 from custom.errors import exit_on_user_error
 from custom.pretrained import pretrain
+from custom.scale import run_scale
 from custom.study import bundle_dir, bundle_workflow, run_study
 
 __all__ = ["Commands", "main"]
@@ -229,6 +230,7 @@ class Commands:
     study = staticmethod(run_study)
     accuracy = staticmethod(run_accuracy)
     pretrain = staticmethod(pretrain)
+    scale = staticmethod(run_scale)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

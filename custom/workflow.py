@@ -290,6 +290,7 @@ def enable_resume(
     state = {"network": trainer.network, "optimizer": trainer.optimizer, "trainer": trainer}
     if best is not None and best.checkpoint is not None:
         state["best"] = best.checkpoint
+    # on every rank (Ignite's Checkpoint takes part in collectives); its DiskSaver writes on rank 0 only
     AtomicCheckpointSaver(checkpoint_dir, state, "EPOCH_COMPLETED", prefix=run_id).attach(trainer)
     path = latest_checkpoint(folder) if resume else None
     if path:

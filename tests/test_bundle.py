@@ -230,6 +230,7 @@ BAD_INPUTS = [
     ("evaluate", ["--eval_split", "all", "--label", "aligned_seg35"], "has no aligned_seg35.nii.gz"),  # missing label
     ("evaluate", ["--eval_split", "all", "--refine_lr", "-2"], "refine_lr must be > 0"),  # negative learning rate
     ("train", ["--dataset_dir", "data/demo_typo"], "dataset folder 'data/demo_typo' does not exist"),  # no silent demo
+    ("train", ["--cache", "ram"], r"cache must be one of \('memory', 'disk', 'none'\), got 'ram'"),  # unknown cache
     ("register", ["--moving", "rotated.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"], "is not on the grid of fixed"),  # CLI
     ("register", ["--pairs", "pairs_nan.csv"], "contains NaN"),  # CLI, second pair
 ]
@@ -288,6 +289,25 @@ def test_resume_after_sigkill(tmp_path):
     assert f"Epoch[{done + 1}] Complete" in log and "Epoch[1] Complete" not in log
     final = torch.load(latest_checkpoint(ckpt_dir), weights_only=True)["trainer"]
     assert final["iteration"] // final["epoch_length"] == done + 1
+
+
+def test_torchrun_two_ranks_share_the_disk_cache_and_only_rank_0_writes(tmp_path):
+    """Two ranks, each loading its half of the subjects through one disk cache; rank 0 alone writes checkpoints,
+    TensorBoard and the epoch summaries; ranks with different pair counts run the same iterations (no hang)."""
+    ws = workspace(tmp_path / "ws", num_subjects=9)  # 5 training subjects: shares of 3 and 3 (one repeated)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run", "training"]
+    cmd += ["--config_file", "['bundle/configs/train.json','bundle/configs/multi_gpu_train.json']", "--epochs", "2"]
+    cmd += ["--cache", "disk", "--cache_dir", "runs/cache", "--num_workers", "1", "--batch_size", "3"]
+    proc = run(cmd, cwd=ws, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert len(re.findall(r"epoch \d/2: train_loss", log)) == 2  # one summary per epoch, from rank 0 only
+    assert len(list((ws / "runs" / "cache").glob("*.pt"))) == 7  # 5 training + 2 validation subjects, cached once
+    events = list((ws / "runs" / "train" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len({e.name.split(".")[-2] for e in events}) == 1  # the pid of one process: rank 0
+    checkpoints = ws / "runs" / "train" / "checkpoints"
+    run_id = json.loads((checkpoints / "run.json").read_text())["run_id"]
+    assert [p.name for p in checkpoints.glob("*.pt")] == [f"{run_id}_checkpoint_2.pt"]  # rank 0's run id
+    assert {"model.pt", "model_final.pt"} <= {p.name for p in (ws / "bundle" / "models").iterdir()}
 
 
 def test_documented_defaults_match_train_json():

@@ -1,21 +1,24 @@
 import gzip
 import json
+import os
 import random
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import CacheDataset
 
 from custom.data import (
     PAIR_STRATEGIES,
-    ExtractSlicesd,
+    StackSlicesd,
+    SubjectFrames,
     build_pair_dataset,
     ensure_dataset,
     find_subjects,
     foreground_slices,
     load_transforms,
-    load_units,
     make_demo,
     make_pairs,
     split_subjects,
@@ -165,10 +168,10 @@ def test_slice_norm_equals_slicing_aligned_norm(real_data):
     """subject_a's slice_norm is exactly z = 109 of aligned_norm; our slicing transform must reproduce it."""
     item = {"image": str(real_data / "subject_a" / "aligned_norm.nii.gz")}
     frames = load_transforms(["image"], None, 2, slice_axis=2, slice_range=(109, 110), scale_intensity=False)(item)
-    assert len(frames) == 1 and frames[0]["index"] == 109
+    assert len(frames["image"]) == 1 and frames["first"] == 109
     expected = nib.load(real_data / "subject_a" / "slice_norm.nii.gz").get_fdata(dtype=np.float32)[..., 0]
-    assert frames[0]["image"].shape == (1, 160, 192)
-    np.testing.assert_array_equal(frames[0]["image"][0].numpy(), expected)
+    assert frames["image"][0].shape == (1, 160, 192)
+    np.testing.assert_array_equal(frames["image"][0, 0].numpy(), expected)
 
 
 def _inference_tensors(moving, fixed, spatial_dims):
@@ -184,7 +187,7 @@ def test_training_and_inference_see_identical_tensors(demo, spatial_dims):
     z = TINY[2] // 2  # the demo's slice_norm is z of aligned_norm
     item = {"image": str(s1 / "aligned_norm.nii.gz")}
     frames = load_transforms(["image"], None, spatial_dims, slice_range=(z, z + 1))(item)
-    frame = frames[0]["image"] if spatial_dims == 2 else frames["image"]
+    frame = frames["image"][0] if spatial_dims == 2 else frames["image"]
     name = "slice_norm.nii.gz" if spatial_dims == 2 else "aligned_norm.nii.gz"
     inference = _inference_tensors(s1 / name, s2 / name, spatial_dims)
     assert inference["moving"].shape == frame.shape and frame.max() == 1.0 and frame.min() == 0.0
@@ -195,7 +198,7 @@ def test_training_and_inference_see_identical_tensors(demo, spatial_dims):
 
 def test_real_training_and_inference_tensors_identical(real_data):
     item = {"image": str(real_data / "subject_a" / "aligned_norm.nii.gz")}
-    frame = load_transforms(["image"], None, 2, slice_range=(109, 110))(item)[0]["image"]
+    frame = load_transforms(["image"], None, 2, slice_range=(109, 110))(item)["image"][0]
     slice_file = real_data / "subject_a" / "slice_norm.nii.gz"
     assert torch.equal(_inference_tensors(slice_file, slice_file, 2)["fixed"], frame)
 
@@ -251,7 +254,8 @@ def test_real_labels_survive_slicing(real_data):
             "label": str(real_data / "subject_c" / "aligned_aseg.nii.gz"),
         }
     ]
-    units = load_units(subjects, 2, slice_range=(100, 112))
+    frames = SubjectFrames(subjects, 2, slice_range=(100, 112))
+    units = [frames[i] for i in range(len(frames))]
     volume_labels = set(np.unique(np.asarray(nib.load(subjects[0]["label"]).dataobj)).tolist())
     assert len(units) == 12
     for u in units:
@@ -388,7 +392,7 @@ BAD_FILES = [
 def test_bad_files(tmp_path, image, label, nd, slice_range, message):
     item = _one(tmp_path, image, label)
     with pytest.raises(ValueError, match=message) as info:
-        load_units([item], nd, slice_range=slice_range)
+        SubjectFrames([item], nd, slice_range=slice_range)
     assert "s1" in str(info.value) or "aligned" in str(info.value)
 
 
@@ -397,10 +401,10 @@ def test_corrupt_and_truncated_files(tmp_path):
     data = (tmp_path / "s1" / "aligned_norm.nii.gz").read_bytes()
     (tmp_path / "s1" / "aligned_norm.nii.gz").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="could not read .*s1/aligned_norm.nii.gz"):
-        load_units([item], 2)
+        SubjectFrames([item], 2)
     (tmp_path / "s1" / "aligned_norm.nii.gz").write_bytes(gzip.compress(b"not a nifti file"))
     with pytest.raises(ValueError, match="could not read"):
-        load_units([item], 2)
+        SubjectFrames([item], 2)
 
 
 def test_moving_fixed_shape_mismatch(tmp_path):
@@ -418,6 +422,10 @@ BAD_OPTIONS = [
     ({"spatial_dims": 3, "pair_strategy": "intra_volume"}, "needs spatial_dims=2"),  # intra_volume in 3D
     ({"pair_strategy": "atlas", "atlas": "nobody"}, "atlas subject 'nobody' is not among"),  # unknown atlas
     ({"spatial_dims": 4}, "spatial_dims must be 2 or 3"),  # 4D
+    ({"cache": "ram"}, "cache must be one of \\('memory', 'disk', 'none'\\), got 'ram'"),  # unknown cache mode
+    ({"cache_rate": 1.5}, "cache_rate must be in \\[0, 1\\], got 1.5"),  # a rate above 1
+    ({"cache": "disk", "cache_dir": None}, "cache 'disk' needs a cache_dir"),  # disk without a folder
+    ({"shard": [2, 2]}, "shard must be \\(rank, world_size\\) with 0 <= rank < world_size, got \\[2, 2\\]"),  # rank
 ]
 
 
@@ -434,6 +442,70 @@ def test_inter_subject_needs_two_subjects(demo):
 
 def test_bad_slicing_options():
     with pytest.raises(ValueError, match="slice axis must be 0, 1 or 2, got 3"):
-        ExtractSlicesd("image", axis=3)
+        StackSlicesd("image", axis=3)
     with pytest.raises(ValueError, match="start < stop"):
-        ExtractSlicesd("image", index_range=(5, 5))
+        StackSlicesd("image", index_range=(5, 5))
+
+
+# --- caching: memory, disk, none ---------------------------------------------------------------------------
+
+
+CACHE_CASES = [
+    # (spatial_dims, cache, cache_rate, num_workers)
+    (2, "memory", 1.0, 0),  # every subject decoded at start-up, in RAM
+    (2, "memory", 0.5, 2),  # half in RAM, the rest decoded when used; two loader threads
+    (2, "disk", 1.0, 2),  # decoded once into cache_dir by two worker processes, read back memory-mapped
+    (2, "none", 1.0, 0),  # decoded whenever used
+    (3, "disk", 1.0, 0),  # volumes on disk
+    (3, "none", 1.0, 2),  # volumes decoded when used, index built by two worker processes
+]
+
+
+@pytest.mark.parametrize("spatial_dims,cache,cache_rate,num_workers", CACHE_CASES)
+def test_cache_modes_give_identical_pairs(demo, tmp_path, spatial_dims, cache, cache_rate, num_workers):
+    common = {"spatial_dims": spatial_dims, "label": "auto", "num_val": 2, "num_test": 0}
+    reference = build_pair_dataset(demo, "val", **common)
+    options = {"cache": cache, "cache_rate": cache_rate, "cache_dir": tmp_path / "c", "num_workers": num_workers}
+    other = build_pair_dataset(demo, "val", **common, **options)
+    assert other.pairs == reference.pairs and len(other) > 0
+    for i in range(len(other)):
+        a, b = reference[i], other[i]
+        assert a.keys() == b.keys()
+        for key in ("moving", "fixed", "moving_label", "fixed_label"):
+            assert torch.equal(a[key], b[key]) and a[key].dtype == b[key].dtype
+    cached = sorted((tmp_path / "c").glob("*.pt")) if (tmp_path / "c").exists() else []
+    assert len(cached) == (2 if cache == "disk" else 0)  # one file per subject, only for the disk cache
+
+
+def test_frames_are_read_on_demand_from_the_disk_cache(demo, tmp_path):
+    """The disk cache holds the frames: once written, items come from it (not from the NIfTI files), memory-mapped,
+    and a changed source file gets a new entry."""
+    subjects = find_subjects(demo, label=None)[:2]
+    frames = SubjectFrames(subjects, 2, cache="disk", cache_dir=tmp_path)
+    assert not isinstance(frames.dataset, CacheDataset)  # nothing held in RAM
+    (first,) = [p for p in tmp_path.glob("*.pt") if torch.load(p, weights_only=True)["first"] >= 0][:1]
+    stored = torch.load(first, weights_only=True)
+    stored["image"] = torch.full_like(stored["image"], 0.25)  # a marker only the cache holds
+    torch.save(stored, first)
+    again = SubjectFrames(subjects, 2, cache="disk", cache_dir=tmp_path)
+    marked = [i for i in range(len(again)) if torch.all(again[i]["image"] == 0.25)]
+    assert len(marked) == stored["image"].shape[0]  # every frame of that subject came from the cache file
+    assert again[marked[0]]["image"].shape == frames.shape(marked[0])
+    held = again.dataset[again.units[marked[0]]["item"]]  # the subject's stack, as read from the cache
+    assert str(first) in Path("/proc/self/maps").read_text()  # memory-mapped, not read into RAM
+    del held
+    image = Path(subjects[0]["image"])
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))  # "edited"
+    SubjectFrames(subjects, 2, cache="disk", cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.pt"))) == 3
+
+
+def test_shards_split_subjects_between_ranks(demo):
+    """Under torchrun each rank loads only its share of the subjects; the shares cover the split."""
+    shares = [build_pair_dataset(demo, "all", 2, label=None, shard=(r, 3)) for r in range(3)]
+    subjects = [{u["subject"] for u in s.frames.units} for s in shares]
+    assert all(len(s) == 2 for s in subjects)
+    assert set().union(*subjects) == {s["subject"] for s in find_subjects(demo)}
+    for share in shares:  # inter-subject pairs are drawn within the share
+        assert all({share.frames.units[m]["subject"], share.frames.units[f]["subject"]} <= subjects[shares.index(share)]
+                   for m, f, _ in share.pairs)

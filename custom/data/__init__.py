@@ -4,26 +4,28 @@ and the synthetic demo dataset."""
 from custom.data.demo import DEMO_SHAPE, ensure_dataset, make_demo
 from custom.data.oasis import IMAGE_FILES, LABEL_FILES, find_subjects, split_subjects
 from custom.data.synth import SYNTH_SHAPES, SyntheticPairs
-from custom.data.pairs import PAIR_STRATEGIES, PairDataset, PairResampler, build_pair_dataset, load_units, make_pairs
-from custom.data.transforms import CheckVolumed, ExtractSlicesd, foreground_slices, load_transforms
+from custom.data.frames import CACHE_MODES, SubjectFrames
+from custom.data.pairs import PAIR_STRATEGIES, PairDataset, PairResampler, build_pair_dataset, make_pairs
+from custom.data.transforms import CheckVolumed, StackSlicesd, foreground_slices, load_transforms
 
 __all__ = [
+    "CACHE_MODES",
     "DEMO_SHAPE",
     "IMAGE_FILES",
     "LABEL_FILES",
     "PAIR_STRATEGIES",
     "CheckVolumed",
-    "ExtractSlicesd",
     "PairDataset",
     "PairResampler",
     "SYNTH_SHAPES",
+    "StackSlicesd",
+    "SubjectFrames",
     "SyntheticPairs",
     "build_pair_dataset",
     "ensure_dataset",
     "find_subjects",
     "foreground_slices",
     "load_transforms",
-    "load_units",
     "make_demo",
     "make_pairs",
     "split_subjects",

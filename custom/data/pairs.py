@@ -1,8 +1,8 @@
 """Pair strategies: which frame is fixed and which is moving (the seed's static/moving allocation).
 
-A *unit* is one cached training frame: a 2-D slice (``index`` = slice index) or a 3-D volume (``index`` = -1),
-with ``image``, optional ``label`` and optional ``orig`` tensors and its ``subject``. A strategy turns units into
-``(moving unit, fixed unit, moving key)`` triples:
+A *unit* is one frame of :class:`~custom.data.frames.SubjectFrames`: a 2-D slice (``index`` = slice index) or a
+3-D volume (``index`` = -1) of a ``subject``; strategies only read these two fields, never the pixels. A
+strategy turns units into ``(moving unit, fixed unit, moving key)`` triples:
 
 - ``inter_subject``: fixed and moving from different subjects, same slice index (or whole volumes).
 - ``atlas``: one fixed subject for all; moving from the rest, same slice index.
@@ -19,15 +19,14 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from monai.data import CacheDataset
+from monai.data import partition_dataset
 
+from custom.data.frames import SubjectFrames
 from custom.data.oasis import find_subjects, split_subjects
 from custom.data.synth import SyntheticPairs
-from custom.data.transforms import load_transforms
-from custom.errors import user_error
 from custom.networks import check_spatial_dims
 
-__all__ = ["PAIR_STRATEGIES", "PairDataset", "PairResampler", "load_units", "make_pairs", "build_pair_dataset"]
+__all__ = ["PAIR_STRATEGIES", "PairDataset", "PairResampler", "make_pairs", "build_pair_dataset"]
 
 PAIR_STRATEGIES = ("inter_subject", "atlas", "intra_volume", "orig_to_norm", "synthetic")
 Pair = Tuple[int, int, str]
@@ -93,8 +92,6 @@ def make_pairs(
             if m is not None:
                 pairs.append((m, f, "image"))
     else:
-        if units and "orig" not in units[0]:
-            raise ValueError("pair_strategy 'orig_to_norm' needs the aligned_orig images (load them as 'orig').")
         pairs = [(i, i, "orig") for i in range(len(units))]
     if not pairs:
         raise ValueError(f"pair_strategy {strategy!r} found no pairs among {len(units)} frames of {subjects[:5]}.")
@@ -102,24 +99,27 @@ def make_pairs(
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Pairs of cached frames, re-drawn every epoch or fixed.
+    """Pairs of frames, re-drawn every epoch or fixed; frames are read when an item is asked for.
 
     Items are dicts with ``moving``, ``fixed`` (``(1, *S)`` float tensors), ``moving_label`` and ``fixed_label``
     when the frames have labels, and ``moving_id`` / ``fixed_id`` (``"subject:index"``).
 
     Args:
-        units: cached frames.
+        frames: the frames (cached as their :class:`~custom.data.frames.SubjectFrames` says).
         strategy: one of :data:`PAIR_STRATEGIES`.
         seed: seed of the pair draw.
         resample: draw new random pairs at each :meth:`set_epoch` (training); otherwise the pairs stay fixed.
         offset: slice distance for ``intra_volume``.
         atlas: fixed subject for ``atlas``.
         max_pairs: keep at most this many pairs, evenly spread over all of them (bounds validation work).
+
+    Raises:
+        ValueError: for bad options, frames the strategy cannot pair, or pairs of unequal shapes.
     """
 
     def __init__(
         self,
-        units: Sequence[dict],
+        frames: SubjectFrames,
         strategy: str = "inter_subject",
         seed: int = 0,
         resample: bool = False,
@@ -129,7 +129,9 @@ class PairDataset(torch.utils.data.Dataset):
     ) -> None:
         if max_pairs is not None and max_pairs < 1:
             raise ValueError(f"max_pairs must be >= 1 or null, got {max_pairs!r}.")
-        self.units = units
+        if strategy == "orig_to_norm" and "orig" not in frames.keys:
+            raise ValueError("pair_strategy 'orig_to_norm' needs the aligned_orig images (load them as 'orig').")
+        self.frames = frames
         self.strategy = strategy
         self.seed = seed
         self.resample = resample
@@ -137,8 +139,8 @@ class PairDataset(torch.utils.data.Dataset):
         self.atlas = atlas
         self.max_pairs = max_pairs
         self.pairs = self._draw(seed)
-        for m, f, key in self.pairs:
-            ms, fs = tuple(units[m][key].shape), tuple(units[f]["image"].shape)
+        for m, f, _ in self.pairs:
+            ms, fs = frames.shape(m), frames.shape(f)
             if ms != fs:
                 raise ValueError(
                     f"moving {self._id(m)} has shape {list(ms)} but fixed {self._id(f)} has shape {list(fs)}; "
@@ -146,11 +148,11 @@ class PairDataset(torch.utils.data.Dataset):
                 )
 
     def _id(self, i: int) -> str:
-        u = self.units[i]
+        u = self.frames.units[i]
         return f"{u['subject']}:{u['index']}" if u["index"] >= 0 else u["subject"]
 
     def _draw(self, seed: int) -> List[Pair]:
-        pairs = make_pairs(self.units, self.strategy, random.Random(seed), self.offset, self.atlas)
+        pairs = make_pairs(self.frames.units, self.strategy, random.Random(seed), self.offset, self.atlas)
         if self.max_pairs is None or len(pairs) <= self.max_pairs:
             return pairs
         step = len(pairs) / self.max_pairs
@@ -166,9 +168,9 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         m, f, key = self.pairs[i]
-        mu, fu = self.units[m], self.units[f]
+        mu, fu = self.frames[m], self.frames[f]
         item = {"moving": mu[key], "fixed": fu["image"], "moving_id": self._id(m), "fixed_id": self._id(f)}
-        if "label" in mu and "label" in fu:
+        if "label" in mu:
             item["moving_label"], item["fixed_label"] = mu["label"], fu["label"]
         return item
 
@@ -186,41 +188,6 @@ class PairResampler:
         engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.dataset.set_epoch(e.state.epoch))
 
 
-def load_units(
-    subjects: Sequence[Dict[str, str]],
-    spatial_dims: int,
-    slice_axis: int = 2,
-    slice_range: Optional[Sequence[int]] = None,
-    num_workers: int = 0,
-) -> List[dict]:
-    """Decode each subject once (``CacheDataset``) and return its frames: slices in 2D, the volume in 3D.
-
-    Raises:
-        ValueError: for an unreadable (corrupt, truncated) file or bad content, naming the file.
-    """
-    if not subjects:
-        return []
-    image_keys = ["image"] + (["orig"] if "orig" in subjects[0] else [])
-    label_key = "label" if "label" in subjects[0] else None
-    transform = load_transforms(image_keys, label_key, spatial_dims, slice_axis, slice_range)
-    try:
-        cached = CacheDataset(list(subjects), transform, cache_rate=1.0, num_workers=num_workers, progress=False)
-        items = [cached[i] for i in range(len(cached))]
-    except Exception as error:  # MONAI wraps transform errors in RuntimeError: surface the real one
-        cause = user_error(error)
-        if cause is None:
-            files = [s["image"] for s in subjects]
-            raise ValueError(f"could not read the subjects' files ({files[0]}, ...): {cause}") from error
-        raise cause from None
-    units = []
-    for item in items:
-        for frame in item if isinstance(item, list) else [item]:
-            if spatial_dims == 3:
-                frame = dict(frame, index=-1)
-            units.append(frame)
-    return units
-
-
 def build_pair_dataset(
     dataset_dir: Union[str, Path],
     split: str = "train",
@@ -235,7 +202,11 @@ def build_pair_dataset(
     slice_range: Optional[Sequence[int]] = None,
     offset: int = 1,
     atlas: Optional[str] = None,
+    cache: str = "memory",
+    cache_rate: float = 1.0,
+    cache_dir: Optional[Union[str, Path]] = None,
     num_workers: int = 0,
+    shard: Optional[Sequence[int]] = None,
     synth_shape: Optional[Sequence[int]] = None,
     synth_pairs: int = 256,
     max_pairs: Optional[int] = None,
@@ -256,7 +227,14 @@ def build_pair_dataset(
         slice_range: ``(start, stop)`` slice indices in 2D; default the foreground slices.
         offset: slice distance for ``intra_volume``.
         atlas: fixed subject for ``atlas`` (it is added to the split's frames when it belongs to another split).
-        num_workers: loader threads for caching.
+        cache: ``"memory"``, ``"disk"`` or ``"none"`` (:mod:`custom.data.frames`).
+        cache_rate: fraction of the subjects held in memory (``"memory"``).
+        cache_dir: folder of the disk cache (``"disk"``).
+        num_workers: processes (threads for ``"memory"``) decoding the subjects at start-up.
+        shard: ``(rank, world_size)`` under ``torch.distributed``: this rank loads and pairs only its share of
+            the split's subjects (MONAI ``partition_dataset``; when each share gets at least two), so no rank holds
+            the whole split; every rank of a training split gets the same number of pairs per epoch (the smallest
+            share's).
         synth_shape: spatial shape of ``synthetic`` pairs (default :data:`~custom.data.synth.SYNTH_SHAPES`).
         synth_pairs: ``synthetic`` pairs per training epoch (validation and test: an eighth, at least 8, fixed).
         max_pairs: at most this many pairs, evenly spread (e.g. ``val_max_pairs`` for validation).
@@ -269,8 +247,9 @@ def build_pair_dataset(
         raise ValueError(f"pair_strategy must be one of {PAIR_STRATEGIES}, got {pair_strategy!r}.")
     if split not in ("train", "val", "test", "all"):
         raise ValueError(f"split must be 'train', 'val', 'test' or 'all', got {split!r}.")
+    rank, world = _check_shard(shard)
     if pair_strategy == "synthetic":
-        return _synthetic(dataset_dir, split, spatial_dims, image, slice_axis, seed, synth_shape, synth_pairs)
+        return _synthetic(dataset_dir, split, spatial_dims, image, slice_axis, seed + 7919 * rank, synth_shape, synth_pairs)
     extra = ("aligned_orig",) if pair_strategy == "orig_to_norm" else ()
     if split == "train":
         label = None  # training is unsupervised: labels would only take cache memory
@@ -279,13 +258,39 @@ def build_pair_dataset(
         if "aligned_orig" in s:
             s["orig"] = s.pop("aligned_orig")
     chosen = subjects if split == "all" else split_subjects(subjects, num_val, num_test, seed)[split]
+    if world > 1 and len(chosen) >= 2 * world:  # a share pairs its own subjects: at least two each
+        chosen = partition_dataset(chosen, num_partitions=world, shuffle=True, seed=seed, even_divisible=True)[rank]
     if pair_strategy == "atlas":
         name = atlas or subjects[0]["subject"]
         atlas = name
         chosen = [s for s in subjects if s["subject"] == name][:1] + [s for s in chosen if s["subject"] != name]
-    units = load_units(chosen, spatial_dims, slice_axis, slice_range, num_workers)
-    logger.info("%s split: %d subjects, %d frames", split, len(chosen), len(units))
-    return PairDataset(units, pair_strategy, seed, split == "train", offset, atlas, max_pairs)
+    frames = SubjectFrames(chosen, spatial_dims, cache, cache_rate, cache_dir, num_workers, slice_axis, slice_range)
+    logger.info("%s split: %d subjects, %d frames", split, len(chosen), len(frames))
+    dataset = PairDataset(frames, pair_strategy, seed, split == "train", offset, atlas, max_pairs)
+    if world > 1 and split == "train":
+        common = _smallest_across_ranks(len(dataset))
+        if common < len(dataset):  # equal iterations per epoch on every rank, or DDP waits forever
+            dataset = PairDataset(frames, pair_strategy, seed, True, offset, atlas, common)
+    return dataset
+
+
+def _check_shard(shard: Optional[Sequence[int]]) -> Tuple[int, int]:
+    if shard is None:
+        return 0, 1
+    if len(shard) != 2 or not 0 <= int(shard[0]) < int(shard[1]):
+        raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard!r}.")
+    return int(shard[0]), int(shard[1])
+
+
+def _smallest_across_ranks(n: int) -> int:
+    """The smallest ``n`` over the processes of the default ``torch.distributed`` group (``n`` without one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return n
+    counts: List[Optional[int]] = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, n)
+    return min(int(c) for c in counts)
 
 
 def _synthetic(dataset_dir, split, spatial_dims, image, slice_axis, seed, shape, pairs) -> SyntheticPairs:
@@ -293,7 +298,8 @@ def _synthetic(dataset_dir, split, spatial_dims, image, slice_axis, seed, shape,
     subjects = find_subjects(dataset_dir, image, "auto")
     label_maps = []
     if subjects and "label" in subjects[0]:
-        label_maps = [u["label"] for u in load_units(subjects, spatial_dims, slice_axis)]
+        frames = SubjectFrames(subjects, spatial_dims, slice_axis=slice_axis)
+        label_maps = [frames[i]["label"] for i in range(len(frames))]
     if split == "train":
         return SyntheticPairs(spatial_dims, shape, pairs, seed, resample=True, label_maps=label_maps)
     offset = ("val", "test", "all").index(split) + 1

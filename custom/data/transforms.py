@@ -1,6 +1,6 @@
 """MONAI dictionary transforms for loading subjects and slicing volumes into 2D training frames."""
 
-from typing import Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Hashable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ from monai.transforms import (
     MapTransform,
 )
 
-__all__ = ["CheckVolumed", "ExtractSlicesd", "ScaleForegroundd", "load_transforms", "foreground_slices", "scale_foreground"]
+__all__ = ["CheckVolumed", "StackSlicesd", "ScaleForegroundd", "load_transforms", "foreground_slices", "scale_foreground"]
 
 
 def scale_foreground(image: torch.Tensor, percentile: float = 99.0) -> torch.Tensor:
@@ -48,21 +48,27 @@ class ScaleForegroundd(MapTransform):
     Args:
         keys: image keys.
         percentile: foreground percentile mapped to 1.
+        frames_first: the images are stacks of frames ``(N, C, ...)`` (see :class:`StackSlicesd`): scale each
+            frame on its own.
 
     Raises:
         ValueError: for a percentile outside ``(0, 100]``.
     """
 
-    def __init__(self, keys: KeysCollection, percentile: float = 99.0) -> None:
+    def __init__(self, keys: KeysCollection, percentile: float = 99.0, frames_first: bool = False) -> None:
         super().__init__(keys)
         if not 0 < percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {percentile!r}.")
         self.percentile = float(percentile)
+        self.frames_first = frames_first
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> Dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = scale_foreground(torch.as_tensor(d[key]), self.percentile)
+            x = torch.as_tensor(d[key])
+            frames = x.unbind(0) if self.frames_first else [x]
+            scaled = [scale_foreground(f, self.percentile) for f in frames]
+            d[key] = torch.stack(scaled) if self.frames_first else scaled[0]
         return d
 
 
@@ -128,12 +134,13 @@ def foreground_slices(volume: torch.Tensor, axis: int, min_fraction: float = 0.0
     return int(idx[0]), int(idx[-1]) + 1
 
 
-class ExtractSlicesd(MapTransform):
-    """Cut a subject's volumes into 2-D slices along one axis: one item per slice index.
+class StackSlicesd(MapTransform):
+    """Cut a subject's volumes into 2-D slices along one axis, stacked first: the subject's 2-D frames.
 
-    Images and labels are cut alike (labels keep their integer dtype). Each output item is a copy of the
-    input dict with ``(C, H, W[, D])`` replaced by the ``(C, ., .)`` slice and ``"index"`` set to the slice
-    index. Outputs are plain tensors (no metadata), ready for batching.
+    Images and labels are cut alike (labels keep their integer dtype): ``(C, H, W, D)`` becomes ``(N, C, ., .)``,
+    the slices ``first`` to ``first + N - 1``, contiguous so that one frame is one contiguous block (a
+    memory-mapped disk cache reads only that block). ``"first"`` is set to the first slice index. Outputs are
+    plain tensors (no metadata).
 
     Args:
         keys: image and label keys to slice.
@@ -165,7 +172,7 @@ class ExtractSlicesd(MapTransform):
         self.ref_key = ref_key
         self.min_fraction = min_fraction
 
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> List[Dict[Hashable, torch.Tensor]]:
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> Dict[Hashable, torch.Tensor]:
         d = dict(data)
         ref = d[self.ref_key]
         size = int(ref.shape[1 + self.axis])
@@ -180,15 +187,11 @@ class ExtractSlicesd(MapTransform):
                     f"{_source(ref, self.ref_key)}: slice range [{start}, {stop}) is outside the volume, "
                     f"which has {size} slices along axis {self.axis}."
                 )
-        plain = {k: torch.as_tensor(d[k]).as_subclass(torch.Tensor) for k in self.key_iterator(d)}
-        out = []
-        for i in range(start, stop):
-            item = dict(d)
-            for key, vol in plain.items():
-                item[key] = vol.select(1 + self.axis, i).clone()
-            item["index"] = i
-            out.append(item)
-        return out
+        for key in self.key_iterator(d):
+            vol = torch.as_tensor(d[key]).as_subclass(torch.Tensor).narrow(1 + self.axis, start, stop - start)
+            d[key] = vol.movedim(1 + self.axis, 0).contiguous()
+        d["first"] = start
+        return d
 
 
 def load_transforms(
@@ -199,11 +202,12 @@ def load_transforms(
     slice_range: Optional[Sequence[int]] = None,
     scale_intensity: bool = True,
 ) -> Compose:
-    """The deterministic loading chain (cacheable by ``CacheDataset``).
+    """The deterministic loading chain of one subject (cached by MONAI's ``CacheDataset`` / ``PersistentDataset``).
 
     ``LoadImaged`` -> ``EnsureChannelFirstd`` -> :class:`CheckVolumed` -> plain tensors, then
-    :class:`ExtractSlicesd` for ``spatial_dims=2``, then :class:`ScaleForegroundd` on each frame (slice or
-    volume), the same normalisation as inference's (:class:`custom.inference.RegistrationPairs`).
+    :class:`StackSlicesd` for ``spatial_dims=2`` (each key becomes ``(N, C, H, W)``, ``"first"`` the first slice
+    index), then :class:`ScaleForegroundd` on each frame (slice or volume), the same normalisation as
+    inference's (:class:`custom.inference.RegistrationPairs`).
 
     Args:
         image_keys: keys of intensity images (e.g. ``["image"]`` or ``["image", "orig"]``).
@@ -220,9 +224,9 @@ def load_transforms(
         chain.append(LoadImaged(label_key, reader="NibabelReader", dtype=np.int32, image_only=True))
     chain += [EnsureChannelFirstd(all_keys, channel_dim="no_channel"), CheckVolumed(all_keys, spatial_dims)]
     if spatial_dims == 2:
-        chain.append(ExtractSlicesd(all_keys, slice_axis, slice_range, ref_key=image_keys[0]))
+        chain.append(StackSlicesd(all_keys, slice_axis, slice_range, ref_key=image_keys[0]))
     else:
         chain.append(EnsureTyped(all_keys, track_meta=False))
     if scale_intensity:
-        chain.append(ScaleForegroundd(image_keys))  # Compose maps it over the list of slices
+        chain.append(ScaleForegroundd(image_keys, frames_first=spatial_dims == 2))
     return Compose(chain)
