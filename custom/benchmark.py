@@ -37,6 +37,7 @@ __all__ = [
 
 DEFAULT_SHAPES = {2: (160, 192), 3: (160, 192, 224)}
 DEFAULT_BATCH = {2: 8, 3: 1}
+DEFAULT_REPEATS = {2: 5, 3: 2}  # 3D: a training step takes seconds on a CPU; the whole run stays under 10 minutes
 MONAI_ROWS = {"monai VoxelMorph (steps=0)": 0, "monai VoxelMorph (default, steps=7)": 7}
 
 
@@ -54,17 +55,17 @@ def machine_description(device: str = "cpu") -> str:
     return f"{hw}, {torch.get_num_threads()} threads, torch {torch.__version__}, python {platform.python_version()}"
 
 
-def time_call(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall time of ``fn`` in seconds, after two warm-up calls."""
+def time_call(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 2) -> float:
+    """Median wall time of ``fn`` in seconds over ``repeats`` calls, after ``warmup`` untimed calls."""
     times = []
-    for i in range(repeats + 2):
+    for i in range(repeats + warmup):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i >= 2:
+        if i >= warmup:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -152,13 +153,13 @@ def _measure_model(name: str, spatial_dims: int, shape: Sequence[int], batch: in
         opt.step()
 
     train_step()  # warm-up: optimizer state and one-off buffers are not part of the step's peak
-    peak = peak_memory_mb(train_step, dev)
+    peak = peak_memory_mb(train_step, dev)  # a second untimed step: training is warm
     return {
         "model": name,
         "params": params,
         "macs_per_pair": macs,
-        "infer_s": time_call(infer, repeats, dev),
-        "train_s": time_call(train_step, repeats, dev),
+        "infer_s": time_call(infer, repeats, dev, warmup=1),
+        "train_s": time_call(train_step, repeats, dev, warmup=0),
         "peak_mb": peak,
     }
 
@@ -185,8 +186,8 @@ def _measure_blocks(spatial_dims: int, shape: Sequence[int], batch: int, device:
     }
     rows = []
     for name, (ours, theirs, args) in pairs.items():
-        t_ours = time_call(lambda m=ours, a=args: m(*a).sum().backward(), repeats, dev)
-        t_monai = time_call(lambda m=theirs, a=args: m(*a).sum().backward(), repeats, dev)
+        t_ours = time_call(lambda m=ours, a=args: m(*a).sum().backward(), repeats, dev, warmup=1)
+        t_monai = time_call(lambda m=theirs, a=args: m(*a).sum().backward(), repeats, dev, warmup=1)
         rows.append({"block": name, "ours_s": t_ours, "monai_s": t_monai})
     return rows
 
@@ -231,7 +232,7 @@ def benchmark(
     batch_size: Optional[int] = None,
     device: str = "cpu",
     threads: int = 2,
-    repeats: int = 5,
+    repeats: Optional[int] = None,
     variants: Sequence[str] = VARIANTS,
 ) -> Dict[str, List[dict]]:
     """Measure the variants and MONAI's VoxelMorph, each in a fresh process.
@@ -242,7 +243,7 @@ def benchmark(
         batch_size: pairs per batch; default 8 (2D) or 1 (3D).
         device: ``"cpu"`` or ``"cuda[:i]"``.
         threads: CPU threads per process.
-        repeats: timed repetitions (median) after two warm-ups.
+        repeats: timed repetitions (median) after a warm-up; default 5 (2D) or 2 (3D).
         variants: which of our variants to include.
 
     Returns:
@@ -253,6 +254,7 @@ def benchmark(
     if len(shape) != spatial_dims:
         raise ValueError(f"shape must have {spatial_dims} sizes for spatial_dims={spatial_dims}, got {list(shape)}.")
     batch = batch_size or DEFAULT_BATCH[spatial_dims]
+    repeats = repeats or DEFAULT_REPEATS[spatial_dims]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise ValueError(f"unknown variants {bad}: expected a subset of {list(VARIANTS)}.")
@@ -291,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=None, help="default 5 (2D) or 2 (3D)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     parser.add_argument("--output", default=None, help="also write the markdown table to this file")
     args = parser.parse_args(argv)

@@ -180,7 +180,7 @@ class Commands:
         batch_size: Optional[int] = None,
         device: str = "cpu",
         threads: int = 2,
-        repeats: int = 5,
+        repeats: Optional[int] = None,
         output: Optional[str] = None,
     ) -> str:
         """Speed, size and memory of the variants against MONAI's VoxelMorph (a markdown table).
@@ -191,7 +191,7 @@ class Commands:
             batch_size: default 8 (2D) or 1 (3D).
             device: cpu or cuda.
             threads: CPU threads.
-            repeats: timed repetitions.
+            repeats: timed repetitions; default 5 (2D) or 2 (3D).
             output: also write the table to this file.
         """
         from custom.benchmark import main as benchmark_main
@@ -203,9 +203,8 @@ class Commands:
             device,
             "--threads",
             str(threads),
-            "--repeats",
-            str(repeats),
         ]
+        args += ["--repeats", str(repeats)] if repeats else []
         args += ["--shape", *map(str, shape)] if shape else []
         args += ["--batch-size", str(batch_size)] if batch_size else []
         args += ["--output", output] if output else []

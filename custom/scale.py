@@ -1,10 +1,11 @@
 """Training at the scale of the neurite-OASIS release: start-up time and peak memory per ``cache`` mode.
 
 ``python -m custom scale`` builds a neurite-OASIS-shaped root of 414 subjects (symbolic links to the files of a
-few generated subjects, 160x192x224, or of the subjects of ``--source``), then runs the bundle's training (``epochs 1``, a few iterations,
-no validation pass, though the validation split is loaded as usual) for each of ``spatial_dims``, ``cache`` mode
-(``memory``, ``disk`` with an empty cache, ``disk`` with the cache the previous run wrote, ``none``) and process
-count (one process, and ``torchrun --nproc_per_node=2``). Each run is its own process tree; it reports:
+few generated 160x192x224 subjects, or of the subjects of ``--source``), then runs the bundle's training
+(``epochs 1``, a few iterations, no validation pass, though the validation split is loaded as usual) for each
+of ``spatial_dims``, ``cache`` mode (``memory``, ``disk`` with an empty cache, ``disk`` with the cache the
+previous run wrote, ``none``) and process count (one process, and ``torchrun --nproc_per_node=2``). Each run
+is its own process tree; it reports:
 
 - start-up: seconds from launch until the first training iteration starts (imports, discovery, decoding or
   reading the cache, building the networks), i.e. the time of the first epoch summary minus the epoch's time;
@@ -37,6 +38,7 @@ __all__ = ["link_release", "process_tree_memory", "run_scale", "SCALE_MODES"]
 RELEASE_SUBJECTS = 414
 RELEASE_SHAPE = (160, 192, 224)
 SCALE_MODES = ("memory", "disk-cold", "disk-warm", "none")
+BATCH = {2: 8, 3: 1}  # the bundle's 2D default; one volume per step in 3D, as the docs' 3D command
 GIB = 1024**3
 
 
@@ -66,7 +68,11 @@ def link_release(root: Union[str, Path], source: Union[str, Path], num_subjects:
         raise FileNotFoundError(f"{str(source)!r} has no subject folder with {names[0]} to link.")
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{str(root)!r} exists and is not empty; give a new folder.")
-    labels = {n: next(s / n for s in samples if (s / n).is_file()) for n in names[len(IMAGE_FILES):] if any((s / n).is_file() for s in samples)}
+    labels = {
+        n: next(s / n for s in samples if (s / n).is_file())
+        for n in names[len(IMAGE_FILES) :]
+        if any((s / n).is_file() for s in samples)
+    }
     for i in range(num_subjects):
         sample = samples[i % len(samples)]
         folder = root / f"OASIS_OAS1_{i + 1:04d}_MR1"
@@ -171,7 +177,11 @@ def run_scale(
     Raises:
         ValueError: an unknown mode, dimensionality or process count.
     """
-    dims, mode_list, rank_list = [int(d) for d in as_list(spatial_dims)], as_list(modes), [int(r) for r in as_list(ranks)]
+    dims, mode_list, rank_list = (
+        [int(d) for d in as_list(spatial_dims)],
+        as_list(modes),
+        [int(r) for r in as_list(ranks)],
+    )
     for name, values, allowed in (("spatial_dims", dims, (2, 3)), ("modes", mode_list, SCALE_MODES)):
         if not values or any(v not in allowed for v in values):
             raise ValueError(f"{name} must be a subset of {allowed}, got {values!r}.")
@@ -199,24 +209,35 @@ def run_scale(
                 run_dir = out / "runs" / name
                 shutil.rmtree(run_dir, ignore_errors=True)
                 files = [str(configs / "train.json")] + ([str(configs / "multi_gpu_train.json")] if nproc > 1 else [])
-                launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+                launcher = (
+                    [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+                    if nproc > 1
+                    else [sys.executable]
+                )
                 cmd = launcher + ["-m", "monai.bundle", "run", "training", "--config_file", repr(files)]
                 cmd += ["--bundle_root", str(bundle_dir()), "--dataset_dir", str(root), "--spatial_dims", str(nd)]
                 cmd += ["--output_dir", str(run_dir), "--ckpt_dir", str(run_dir / "models"), "--cache", cache]
                 cmd += ["--cache_dir", str(cache_dir), "--num_workers", str(num_workers), "--epochs", "1"]
-                cmd += ["--epoch_length", str(epoch_length), "--val_interval", "2"]
+                cmd += ["--epoch_length", str(epoch_length), "--val_interval", "2", "--batch_size", str(BATCH[nd])]
                 print(f"{name}: running", flush=True)
                 result = _run(cmd, env, out / "logs" / f"{name}.log")
-                result.update(spatial_dims=nd, mode=mode, ranks=nproc, cache_mib=_folder_bytes(cache_dir) / 2**20 if cache == "disk" else 0.0)
+                result.update(
+                    spatial_dims=nd,
+                    mode=mode,
+                    ranks=nproc,
+                    cache_mib=_folder_bytes(cache_dir) / 2**20 if cache == "disk" else 0.0,
+                )
                 rows.append(result)
                 print(f"{name}: {_row(result)}", flush=True)
         if not keep_cache:
             shutil.rmtree(cache_dir, ignore_errors=True)
     header = (
         f"## Training start-up and peak memory, {subjects} subjects ({'x'.join(map(str, RELEASE_SHAPE))}), "
-        f"epoch_length {epoch_length}, num_workers {num_workers}\n\nMachine: {machine_description()}; "
+        f"epoch_length {epoch_length}, batch {BATCH[2]} (2D) / {BATCH[3]} (3D), num_workers {num_workers}\n\n"
+        f"Machine: {machine_description()}; "
         f"source of the linked files: {Path(source).name}.\n\n"
-        "| dims | cache | processes | start-up s | wall s | peak memory GiB (PSS) | of which anonymous GiB | disk cache MiB | exit |\n"
+        "| dims | cache | processes | start-up s | wall s | peak memory GiB (PSS) | of which anonymous GiB "
+        "| disk cache MiB | exit |\n"
         "|---|---|---:|---:|---:|---:|---:|---:|---:|"
     )
     table = "\n".join([header] + [_row(r) for r in rows]) + "\n"

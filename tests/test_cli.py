@@ -62,9 +62,12 @@ def test_documented_cli_commands_run(ws):
         c for c in documented_commands(REPO / "bundle" / "docs" / "README.md") if c.startswith("python -m custom ")
     ]
     assert any(" study " in c for c in commands) and any(" accuracy " in c for c in commands)
+    assert any(" scale" in c for c in commands) and any("benchmark --spatial_dims 3" in c for c in commands)
     for cmd in commands:
         extra = " --epochs 1 --num_val 2 --num_test 2 --batch_size 4" if " study " in cmd else ""
-        extra += " --shape [32,32] --batch_size 2 --repeats 1" if " benchmark" in cmd else ""
+        shape = "[16,16,16]" if "--spatial_dims 3" in cmd else "[32,32]"
+        extra += f" --shape {shape} --batch_size 2 --repeats 1" if " benchmark" in cmd else ""
+        extra += " --subjects 6 --spatial_dims 2 --ranks 1 --source data/demo --epoch_length 1" if " scale" in cmd else ""
         extra += " --budget_minutes 0.05 --max_pairs 2 --refine_steps 2 --default_refine_steps 2" if " accuracy" in cmd else ""
         cli(cmd.replace("python -m custom ", "") + extra, ws)
 

@@ -127,7 +127,8 @@ class SubjectFrames:
         label_key = "label" if subjects and "label" in subjects[0] else None
         self.keys: Tuple[str, ...] = tuple(image_keys + ([label_key] if label_key else []))
         transform = load_transforms(image_keys, label_key, spatial_dims, slice_axis, slice_range)
-        layout = f"{CACHE_LAYOUT}:{spatial_dims}d:axis={slice_axis}:range={slice_range}"
+        span = None if slice_range is None else [int(i) for i in slice_range]
+        layout = f"{CACHE_LAYOUT}:{spatial_dims}d:axis={slice_axis}:range={span}"
         data = [dict(s, layout=layout, stamp=_stamp(s, self.keys)) for s in subjects]
         if cache == "memory":
             try:
@@ -141,8 +142,10 @@ class SubjectFrames:
         self.units: List[dict] = []
         self.shapes: List[Tuple[int, ...]] = []
         for item, (first, count, shape) in enumerate(self._summaries(num_workers)):
-            for i in range(count):
-                self.units.append({"subject": data[item]["subject"], "index": first + i if first >= 0 else -1, "item": item})
+            subject = data[item]["subject"]
+            self.units += [
+                {"subject": subject, "index": first + i if first >= 0 else -1, "item": item} for i in range(count)
+            ]
             self.shapes.append(shape)
 
     def _summaries(self, num_workers: int) -> List[Tuple[int, int, tuple]]:
@@ -178,7 +181,9 @@ def _clear(error: Exception, subject: Dict[str, str]) -> BaseException:
     """The user error inside MONAI's wrapping (``RuntimeError: applying transform``), else a ``ValueError`` naming
     the subject's image (a corrupt or truncated file)."""
     cause = user_error(error)
-    return ValueError(f"could not read the subject's files ({subject['image']}, ...): {error}") if cause is None else cause
+    return (
+        ValueError(f"could not read the subject's files ({subject['image']}, ...): {error}") if cause is None else cause
+    )
 
 
 def _cached(data: Sequence[dict], transform, cache_rate: float, num_workers: int) -> CacheDataset:

@@ -249,7 +249,8 @@ def build_pair_dataset(
         raise ValueError(f"split must be 'train', 'val', 'test' or 'all', got {split!r}.")
     rank, world = _check_shard(shard)
     if pair_strategy == "synthetic":
-        return _synthetic(dataset_dir, split, spatial_dims, image, slice_axis, seed + 7919 * rank, synth_shape, synth_pairs)
+        seed += 7919 * rank  # ranks draw different synthetic pairs
+        return _synthetic(dataset_dir, split, spatial_dims, image, slice_axis, seed, synth_shape, synth_pairs)
     extra = ("aligned_orig",) if pair_strategy == "orig_to_norm" else ()
     if split == "train":
         label = None  # training is unsupervised: labels would only take cache memory

@@ -38,7 +38,8 @@ def scale_foreground(image: torch.Tensor, percentile: float = 99.0) -> torch.Ten
         return torch.zeros_like(x)
     k = max(1, min(foreground.numel(), int(round(percentile / 100.0 * foreground.numel()))))
     hi = foreground.kthvalue(k).values
-    return ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
+    del foreground
+    return (x - lo).div_(hi - lo).clamp_(0.0, 1.0)  # one new tensor: volumes are large
 
 
 class ScaleForegroundd(MapTransform):
