@@ -191,7 +191,7 @@ class Commands:
             batch_size: default 8 (2D) or 1 (3D).
             device: cpu or cuda.
             threads: CPU threads.
-            repeats: timed repetitions; default 5 (2D) or 2 (3D).
+            repeats: timed repetitions; default 5 (2D) or 1 (3D).
             output: also write the table to this file.
         """
         from custom.benchmark import main as benchmark_main
