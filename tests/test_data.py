@@ -509,3 +509,22 @@ def test_shards_split_subjects_between_ranks(demo):
     for share in shares:  # inter-subject pairs are drawn within the share
         assert all({share.frames.units[m]["subject"], share.frames.units[f]["subject"]} <= subjects[shares.index(share)]
                    for m, f, _ in share.pairs)
+
+
+def test_two_frames_of_one_subject_read_it_once(demo):
+    """An intra_volume pair decodes its volume once, not twice, when nothing is cached."""
+    frames = SubjectFrames(find_subjects(demo, label=None)[:1], 2, cache="none")
+    reads, dataset = [], frames.dataset
+
+    class Counted(torch.utils.data.Dataset):  # the real MONAI dataset, with its reads recorded
+        def __len__(self):
+            return len(dataset)
+
+        def __getitem__(self, i):
+            reads.append(i)
+            return dataset[i]
+
+    frames.dataset = Counted()
+    first, second = frames.read([0, 1])
+    assert reads == [0] and not torch.equal(first["image"], second["image"])
+    assert torch.equal(first["image"], frames[0]["image"]) and reads == [0, 0]

@@ -169,12 +169,23 @@ class SubjectFrames:
 
     def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
         """Frame ``i``: ``{key: (C, *S) tensor}`` for each of :attr:`keys` (images float32, labels int32)."""
-        unit = self.units[i]
-        d = self.dataset[unit["item"]]
-        if self.spatial_dims == 3:
-            return {k: d[k] for k in self.keys}
-        n = unit["index"] - int(d["first"])
-        return {k: d[k][n].clone() for k in self.keys}  # a copy: not a view into the subject's stack or file
+        return self.read([i])[0]
+
+    def read(self, indices: Sequence[int]) -> List[Dict[str, torch.Tensor]]:
+        """Frames ``indices`` (as :meth:`__getitem__`), reading each subject once (e.g. the two slices of an
+        ``intra_volume`` pair: one decoding with ``cache="none"``)."""
+        subjects: Dict[int, dict] = {}
+        frames = []
+        for i in indices:
+            unit = self.units[i]
+            if unit["item"] not in subjects:
+                subjects[unit["item"]] = self.dataset[unit["item"]]
+            d = subjects[unit["item"]]
+            if self.spatial_dims == 3:
+                frames.append({k: d[k] for k in self.keys})
+            else:  # a copy: not a view into the subject's stack or file
+                frames.append({k: d[k][unit["index"] - int(d["first"])].clone() for k in self.keys})
+        return frames
 
 
 def _clear(error: Exception, subject: Dict[str, str]) -> BaseException:

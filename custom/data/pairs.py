@@ -168,7 +168,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         m, f, key = self.pairs[i]
-        mu, fu = self.frames[m], self.frames[f]
+        mu, fu = self.frames.read([m, f])
         item = {"moving": mu[key], "fixed": fu["image"], "moving_id": self._id(m), "fixed_id": self._id(f)}
         if "label" in mu:
             item["moving_label"], item["fixed_label"] = mu["label"], fu["label"]
