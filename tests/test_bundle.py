@@ -301,6 +301,8 @@ def test_torchrun_two_ranks_share_the_disk_cache_and_only_rank_0_writes(tmp_path
     proc = run(cmd, cwd=ws, timeout=300)
     log = proc.stdout + proc.stderr
     assert len(re.findall(r"epoch \d/2: train_loss", log)) == 2  # one summary per epoch, from rank 0 only
+    shares = re.findall(r"train split: 3 subjects, (\d+) frames", log)
+    assert len(shares) == 2 and shares[0] != shares[1]  # the ranks' shares differ, yet neither rank waits forever
     assert len(list((ws / "runs" / "cache").glob("*.pt"))) == 7  # 5 training + 2 validation subjects, cached once
     events = list((ws / "runs" / "train" / "tensorboard").glob("events.out.tfevents.*"))
     assert len({e.name.split(".")[-2] for e in events}) == 1  # the pid of one process: rank 0
