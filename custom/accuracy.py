@@ -33,13 +33,15 @@ from custom.io import atomic_write_text
 from custom.metrics import folding_stats, jacobian_determinant, label_scores
 from custom.networks import RegistrationNet, check_spatial_dims
 from custom.pretrained import pretrained_path
+from custom.refine import RefineOptions, RefiningInferer
 from custom.study import as_list, bundle_dir, train_run
-from custom.refine import RegistrationInferer, check_refine_options
 from custom.warp import SpatialTransformer
 
-__all__ = ["MonaiVoxelMorph", "ants_available", "pair_metrics", "run_accuracy"]
+__all__ = ["MonaiVoxelMorph", "aggregate", "ants_available", "as_list", "pair_metrics", "run_accuracy", "to_markdown"]
 
-COLUMNS = ("dice", "dice30", "hd95", "folding", "sdlogj", "seconds")
+VOLUME_SWEEP = ((40, 20, 0), (40, 20, 10), (40, 40, 20))
+"""The refinement steps per level (a quarter, half and full resolution) tabulated in 3D besides the default."""
+COLUMNS = ("dice", "dice30", "hd95", "folding", "min_det", "sdlogj", "seconds", "wall_s", "cpu_s", "peak_rss_gib")
 
 
 class MonaiVoxelMorph(nn.Module):
@@ -73,7 +75,8 @@ def ants_available() -> bool:
 
 
 def pair_metrics(warped_label: torch.Tensor, fixed_label: torch.Tensor, det: torch.Tensor) -> dict:
-    """Dice (mean over the labels of either map), worst-30% Dice, mean HD95, % folding and SDlogJ of one pair.
+    """Dice (mean over the labels of either map), worst-30% Dice, mean HD95, % folding, minimum Jacobian
+    determinant and SDlogJ of one pair.
 
     Args:
         warped_label: ``(H, W[, D])`` integer labels of the moving image after registration.
@@ -86,6 +89,7 @@ def pair_metrics(warped_label: torch.Tensor, fixed_label: torch.Tensor, det: tor
         "dice30": scores["dice_worst30"],
         "hd95": scores["hd95_mean"],
         "folding": stats["nonpositive_percent"],
+        "min_det": float(det.min()),
         "sdlogj": stats["log_jacobian_std"],
     }
 
@@ -143,7 +147,7 @@ def _ants_method(transform: str, threads: int, seed: int):
     return run
 
 
-def _network_method(net: nn.Module, inferer: RegistrationInferer, device: torch.device):
+def _network_method(net: nn.Module, inferer: RefiningInferer, device: torch.device):
     warp_labels = SpatialTransformer("nearest")
 
     def run(moving: torch.Tensor, fixed: torch.Tensor, moving_label: torch.Tensor):
@@ -160,7 +164,8 @@ def _network_method(net: nn.Module, inferer: RegistrationInferer, device: torch.
     return run
 
 
-def _aggregate(rows: List[dict]) -> Dict[str, dict]:
+def aggregate(rows: List[dict]) -> Dict[str, dict]:
+    """Mean, sd and count over pairs of every column of :data:`COLUMNS` present in ``rows``."""
     out = {}
     for key in COLUMNS:
         values = [r[key] for r in rows if key in r and not math.isnan(r[key])]
@@ -176,17 +181,21 @@ def _cell(summary: dict, key: str, digits: int, sd: bool = False) -> str:
     return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}" if sd else f"{entry['mean']:.{digits}f}"
 
 
-def to_markdown(results: Dict[str, dict]) -> str:
-    """The table of :func:`run_accuracy`'s results."""
-    lines = [
-        "| method | Dice | Dice worst 30% | HD95 (vox) | % folding | SDlogJ | s/pair |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+def to_markdown(results: Dict[str, dict], volumes: bool = False) -> str:
+    """The table of :func:`run_accuracy`'s results; ``volumes``: the 3D benchmark's columns (minimum
+    determinant, wall and CPU seconds, peak RSS)."""
+    if volumes:
+        head = "| method | Dice | Dice worst 30% | HD95 (vox) | % folding | min det | SDlogJ | wall s | CPU s | peak RSS GiB |"
+        cells = [("dice", 3, True), ("dice30", 3, False), ("hd95", 2, False), ("folding", 4, False)]
+        cells += [("min_det", 2, False), ("sdlogj", 3, False), ("wall_s", 1, False), ("cpu_s", 1, False)]
+        cells += [("peak_rss_gib", 2, False)]
+    else:
+        head = "| method | Dice | Dice worst 30% | HD95 (vox) | % folding | SDlogJ | s/pair |"
+        cells = [("dice", 3, True), ("dice30", 3, False), ("hd95", 2, False), ("folding", 3, False)]
+        cells += [("sdlogj", 3, False), ("seconds", 3, False)]
+    lines = [head, "|---" + "|---:" * len(cells) + "|"]
     for name, s in results.items():
-        lines.append(
-            f"| {name} | {_cell(s, 'dice', 3, sd=True)} | {_cell(s, 'dice30', 3)} | {_cell(s, 'hd95', 2)} "
-            f"| {_cell(s, 'folding', 3)} | {_cell(s, 'sdlogj', 3)} | {_cell(s, 'seconds', 3)} |"
-        )
+        lines.append(f"| {name} | " + " | ".join(_cell(s, key, digits, sd) for key, digits, sd in cells) + " |")
     return "\n".join(lines)
 
 
@@ -205,7 +214,7 @@ def run_accuracy(
     batch_size: int = 8,
     learning_rate: float = 1e-3,
     smooth_weight: float = 1.0,
-    refine_steps: Union[str, Sequence[int]] = (5, 10, 25, 50),
+    refine_steps: Union[str, Sequence[int], None] = None,
     refine_lr: float = 0.2,
     refine_smooth_weight: float = 1.0,
     default_refine_steps: int = 10,
@@ -216,9 +225,16 @@ def run_accuracy(
     seed: int = 0,
     pretrained: bool = True,
     reuse_models: bool = False,
+    model_path: Optional[str] = None,
+    pairs_per_subject: int = 2,
+    max_displacement: float = 4.0,
 ) -> Path:
     """Train, register held-out pairs with every method, and write ``<output_dir>/accuracy.md`` and
     ``results.json``; prints the table.
+
+    In 3D no network is trained: known-deformation pairs of the labelled subjects are registered back by the
+    shipped (or ``model_path``) network alone and with refinement, refinement alone and ANTs SyN, each in a process
+    of its own (:mod:`custom.accuracy_3d`); the options of the 2D training do not apply there.
 
     Args:
         dataset_dir: a neurite-OASIS-style root.
@@ -236,7 +252,8 @@ def run_accuracy(
         batch_size: training batch size.
         learning_rate: training learning rate.
         smooth_weight: training smoothness weight.
-        refine_steps: refinement step counts to tabulate (comma-separated or a list).
+        refine_steps: refinement step counts to tabulate (comma-separated or a list); default 5,10,25,50 in 2D; in
+            3D, where each may be one count per level, [[40,20,0],[40,20,10],[40,40,20]].
         refine_lr: refinement learning rate.
         refine_smooth_weight: refinement smoothness weight.
         default_refine_steps: the step count of the "refinement only, from zero" row.
@@ -250,6 +267,9 @@ def run_accuracy(
             ``variant``.
         reuse_models: use ``<output_dir>/<name>/models/model.pt`` of an earlier run instead of training again
             (the table then says so); the registrations and their timings are always measured anew.
+        model_path: 3D: our network's weights (default the shipped pretrained model of ``variant``).
+        pairs_per_subject: 3D: known deformations of each labelled test subject (default all labelled subjects).
+        max_displacement: 3D: standard deviation of the known deformations' velocity, in voxels.
 
     Returns:
         The path of ``accuracy.md``.
@@ -257,10 +277,17 @@ def run_accuracy(
     Raises:
         ValueError / FileNotFoundError: for bad options or data.
     """
-    spatial_dims = check_spatial_dims(spatial_dims)
-    steps_list = [int(s) for s in as_list(refine_steps)]
+    if check_spatial_dims(spatial_dims) == 3:
+        from custom.accuracy_3d import run_volume_accuracy
+
+        refine = {"lr": refine_lr, "smooth_weight": refine_smooth_weight}
+        return run_volume_accuracy(
+            dataset_dir, test_subjects, output_dir, variant, model_path, image, label, pairs_per_subject,
+            max_displacement, VOLUME_SWEEP if refine_steps is None else refine_steps, refine, peers, threads, seed,
+        )
+    steps_list = [int(s) for s in as_list((5, 10, 25, 50) if refine_steps is None else refine_steps)]
     for steps in steps_list + [default_refine_steps]:
-        check_refine_options(steps, refine_lr, refine_smooth_weight)
+        RefineOptions(steps, refine_lr, refine_smooth_weight)
     peers = as_list(peers)
     unknown = [p for p in peers if p not in ("monai", "ants")]
     if unknown:
@@ -312,11 +339,11 @@ def run_accuracy(
 
     ours = _load(RegistrationNet(spatial_dims, variant), _train("ours", common, out, budget_minutes, None, reuse_models), dev)
     methods: Dict[str, Callable] = {"identity (no registration)": None}
-    methods[f"ours ({variant})"] = _network_method(ours, RegistrationInferer(0), dev)
+    methods[f"ours ({variant})"] = _network_method(ours, RefiningInferer(0), dev)
     for steps in steps_list:
-        inferer = RegistrationInferer(steps, refine_lr, refine_smooth_weight)
+        inferer = RefiningInferer(steps, refine_lr, refine_smooth_weight)
         methods[f"ours + refine {steps} steps"] = _network_method(ours, inferer, dev)
-    default = RegistrationInferer(default_refine_steps, refine_lr, refine_smooth_weight)
+    default = RefiningInferer(default_refine_steps, refine_lr, refine_smooth_weight)
     methods[f"refine {default_refine_steps} steps from zero (no network)"] = _network_method(_ZeroField(), default, dev)
     if pretrained:
         try:
@@ -326,14 +353,14 @@ def run_accuracy(
         else:
             net = _load(RegistrationNet(spatial_dims, variant), Path(shipped), dev)
             methods["pretrained, synthetic data only (no training here)"] = _network_method(
-                net, RegistrationInferer(0), dev
+                net, RefiningInferer(0), dev
             )
             methods[f"pretrained + refine {default_refine_steps} steps"] = _network_method(net, default, dev)
     if "monai" in peers:
         network_def = {"_target_": "custom.accuracy.MonaiVoxelMorph", "spatial_dims": "@spatial_dims"}
         path = _train("monai", common, out, budget_minutes, network_def, reuse_models)
         monai_net = _load(MonaiVoxelMorph(spatial_dims), path, dev)
-        methods["MONAI VoxelMorph (same data and budget)"] = _network_method(monai_net, RegistrationInferer(0), dev)
+        methods["MONAI VoxelMorph (same data and budget)"] = _network_method(monai_net, RefiningInferer(0), dev)
     if "ants" in peers:
         if ants_available():
             methods[f"ANTs {ants_transform} (antspyx)"] = _ants_method(ants_transform, threads, seed)
@@ -353,7 +380,7 @@ def run_accuracy(
             row = {**pair_metrics(warped_label.reshape(fixed_label[0].shape), fixed_label[0], det), "seconds": seconds}
             rows.append({"moving": item["moving_id"], "fixed": item["fixed_id"], **row})
         per_pair[name] = rows
-        results[name] = _aggregate(rows)
+        results[name] = aggregate(rows)
         print(f"{name}: Dice {_cell(results[name], 'dice', 3, sd=True)}", flush=True)
 
     table = to_markdown(results)

@@ -7,7 +7,7 @@ input stop with one ``error:`` line and exit code 2.
 
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import fire
 
@@ -53,9 +53,11 @@ class Commands:
         ddf_format: str = "itk",
         resample: bool = False,
         loss: str = "lncc",
-        refine_steps: int = 10,
+        refine_steps: Union[int, Sequence[int], None] = None,
         refine_lr: float = 0.2,
         refine_smooth_weight: float = 1.0,
+        refine_levels: Optional[Sequence[int]] = None,
+        max_memory_gb: Optional[float] = None,
     ) -> str:
         """Register NIfTI pairs with a trained model, as the bundle's inference config does.
 
@@ -72,9 +74,13 @@ class Commands:
             ddf_format: itk (a displacement field ITK/ANTs/Slicer apply: LPS mm, intent vector) or voxel.
             resample: resample moving images (and labels) onto the fixed grid when their geometry differs.
             loss: the training similarity (lncc or mse), used by the refinement.
-            refine_steps: test-time refinement steps per pair (0: the network's field as it is).
+            refine_steps: test-time refinement steps per pair at most, one number for every level or one per level
+                (0: the network's field as it is); default 10 in 2D, [40,20,5] in 3D (custom.refine.DEFAULTS).
             refine_lr: refinement learning rate (voxels per step).
             refine_smooth_weight: refinement smoothness weight.
+            refine_levels: the refinement's resolution divisors, coarse to fine, e.g. [4,2,1]; default [1] in 2D,
+                [4,2,1] in 3D.
+            max_memory_gb: refuse pairs whose estimated peak memory exceeds this (default: the memory available).
         """
         options = {k: v for k, v in locals().items() if k != "self" and not (k == "model_path" and v is None)}
         _run_workflow(["inference.json"], "run", {**options, "bundle_root": str(bundle_dir())})
@@ -97,9 +103,10 @@ class Commands:
         seed: int = 0,
         output_dir: str = "runs/evaluate",
         loss: str = "lncc",
-        refine_steps: int = 10,
+        refine_steps: Union[int, Sequence[int], None] = None,
         refine_lr: float = 0.2,
         refine_smooth_weight: float = 1.0,
+        refine_levels: Optional[Sequence[int]] = None,
     ) -> str:
         """Evaluate a trained model on a split: metrics.csv and summary.json/.md (LNCC, MSE, Dice, worst-30% Dice,
         HD95, folding, SDlogJ, seconds per pair). The split and model options must be the training run's.
@@ -120,13 +127,12 @@ class Commands:
             seed: the split seed, as in training.
             output_dir: where the files go.
             loss: the training similarity (lncc or mse), used by the refinement.
-            refine_steps: test-time refinement steps per pair (0: the network alone).
+            refine_steps: test-time refinement steps per pair at most, one number for every level or one per level
+                (0: the network alone); default 10 in 2D, [40,20,5] in 3D.
             refine_lr: refinement learning rate (voxels per step).
             refine_smooth_weight: refinement smoothness weight.
+            refine_levels: the refinement's resolution divisors, coarse to fine; default [1] in 2D, [4,2,1] in 3D.
         """
-        from custom.refine import check_refine_options
-
-        check_refine_options(refine_steps, refine_lr, refine_smooth_weight)
         options = _evaluation_options(locals())
         _run_workflow(["train.json", "evaluate.json"], "evaluating", options)
         return str(Path(output_dir) / "summary.md")

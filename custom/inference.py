@@ -13,6 +13,7 @@ before the first file is written.
 
 import csv
 import io
+import os
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Union
 
@@ -30,10 +31,40 @@ from custom.networks import check_spatial_dims
 from custom.warp import SpatialTransformer
 from custom.workflow import decollated
 
-__all__ = ["RegistrationPairs", "RegistrationWriter", "list_pairs", "output_names", "run_or_exit"]
+__all__ = [
+    "RegistrationPairs",
+    "RegistrationWriter",
+    "estimate_memory_gib",
+    "list_pairs",
+    "output_names",
+    "run_or_exit",
+]
 
 NIFTI = (".nii.gz", ".nii")
 KEYS = ("moving", "fixed", "moving_label")
+BASE_GIB = 0.6
+BYTES_PER_VOXEL = 220
+"""Peak resident memory of registering one pair: about ``BASE_GIB`` (Python, torch, MONAI) plus
+``BYTES_PER_VOXEL`` per voxel of the fixed grid (measured for 3D pairs with the default refinement: 1.9 GiB for
+160x192x224; the refinement's slabs bound the rest). With 8 GiB a pair of up to about 36 million voxels (e.g.
+320x320x352) fits."""
+
+
+def estimate_memory_gib(shape) -> float:
+    """The estimated peak memory (GiB) of registering a pair on a grid of ``shape``."""
+    return BASE_GIB + BYTES_PER_VOXEL * float(np.prod(shape)) / 2**30
+
+
+def _available_gib() -> float:
+    """Memory available to a new allocation (``MemAvailable``; the physical memory where it is not reported)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 def _stem(path: str) -> str:
@@ -145,6 +176,8 @@ class RegistrationPairs(torch.utils.data.Dataset):
         resample: resample the moving image (linear) and label (nearest) onto the fixed image's grid with MONAI's
             ``ResampleToMatch`` when their geometry differs; otherwise a difference is an error.
         itk_geometry: require fixed affines that ITK can hold (no shear), for ITK-format fields.
+        max_memory_gb: refuse a pair whose estimated peak memory (:func:`estimate_memory_gib`) exceeds this;
+            default the memory available now.
     """
 
     def __init__(
@@ -153,7 +186,11 @@ class RegistrationPairs(torch.utils.data.Dataset):
         spatial_dims: int,
         resample: bool = False,
         itk_geometry: bool = False,
+        max_memory_gb: Optional[float] = None,
     ) -> None:
+        if max_memory_gb is not None and not (isinstance(max_memory_gb, (int, float)) and max_memory_gb > 0):
+            raise ValueError(f"max_memory_gb must be a number > 0 or null, got {max_memory_gb!r}.")
+        self.max_memory_gb = max_memory_gb
         self._pairs_fn = pairs
         self.spatial_dims = check_spatial_dims(spatial_dims)
         self.resample = bool(resample)
@@ -183,6 +220,7 @@ class RegistrationPairs(torch.utils.data.Dataset):
             images = {key: _read(path, key) for key, path in item.items()}
             shapes = {key: _spatial(img.shape, self.spatial_dims, item[key], key) for key, img in images.items()}
             fixed = images["fixed"]
+            self._check_memory(shapes["fixed"], item["fixed"])
             if self.itk_geometry:
                 check_itk_affine(fixed.affine, f"fixed {item['fixed']!r}")
             for key, img in images.items():
@@ -202,6 +240,17 @@ class RegistrationPairs(torch.utils.data.Dataset):
             for key in ("moving", "fixed"):
                 if not np.isfinite(np.asarray(images[key].dataobj, dtype=np.float32)).all():
                     raise ValueError(f"{key} {item[key]!r} contains NaN or infinite intensities.")
+
+    def _check_memory(self, shape: List[int], path: str) -> None:
+        need = estimate_memory_gib(shape)
+        limit = self.max_memory_gb or _available_gib()
+        if need > limit:
+            fits = int((limit - BASE_GIB) * 2**30 / BYTES_PER_VOXEL) if limit > BASE_GIB else 0
+            raise ValueError(
+                f"fixed {path!r} has a {'x'.join(map(str, shape))} grid: registering it needs about {need:.1f} GiB, "
+                f"more than the {limit:.1f} GiB {'allowed (max_memory_gb)' if self.max_memory_gb else 'available'}; "
+                f"{limit:.1f} GiB fits grids of up to {fits / 1e6:.1f} million voxels: crop or downsample the images."
+            )
 
     def __len__(self) -> int:
         return len(self.pairs)

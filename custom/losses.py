@@ -1,4 +1,4 @@
-"""Registration losses: local NCC, MSE and displacement smoothness.
+"""Registration losses: local NCC, MSE, displacement smoothness and the training loss that combines them.
 
 All are ``nn.Module``s with MONAI's sign convention (lower is better) and a ``reduction`` argument
 (``"mean"``, ``"sum"`` or ``"none"``).
@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from custom.networks import check_spatial_dims
+from custom.warp import SpatialTransformer
 
-__all__ = ["LocalNCCLoss", "MSELoss", "GradLoss", "box_sum"]
+__all__ = ["LocalNCCLoss", "MSELoss", "GradLoss", "PairLoss", "box_sum"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -228,3 +229,44 @@ class GradLoss(nn.Module):
             return torch.stack([t.sum() for t in terms]).sum()
         per_item = torch.stack([t.flatten(1).mean(1) for t in terms]).mean(0)
         return per_item.mean() if self.reduction == "mean" else per_item
+
+
+class PairLoss(nn.Module):
+    """Unsupervised registration loss ``similarity(warp(moving, ddf), fixed) + smooth_weight * Grad(ddf)``,
+    computed in float32 also under mixed precision (autocast is disabled inside).
+
+    Args:
+        spatial_dims: 2 or 3.
+        similarity: ``"lncc"`` (local NCC, window ``kernel_size``) or ``"mse"``.
+        smooth_weight: weight of the smoothness penalty (VoxelMorph: 1.0 for NCC, 0.01 for MSE).
+        kernel_size: LNCC window.
+
+    Raises:
+        ValueError: for an unknown similarity.
+    """
+
+    def __init__(self, spatial_dims: int, similarity: str = "lncc", smooth_weight: float = 1.0, kernel_size: int = 9):
+        super().__init__()
+        spatial_dims = check_spatial_dims(spatial_dims)
+        if similarity not in ("lncc", "mse"):
+            raise ValueError(f"loss must be 'lncc' or 'mse', got {similarity!r}.")
+        self.similarity = LocalNCCLoss(spatial_dims, kernel_size) if similarity == "lncc" else MSELoss()
+        self.smoothness = GradLoss("l2")
+        self.smooth_weight = float(smooth_weight)
+        self.transformer = SpatialTransformer()
+
+    def forward(self, ddf: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
+        """Compute the loss.
+
+        Args:
+            ddf: ``(B, spatial_dims, *S)`` predicted displacement.
+            pair: ``(B, 2, *S)``; channel 0 moving, channel 1 fixed.
+
+        Returns:
+            The scalar loss.
+        """
+        # in float32 even inside autocast (amp): half-precision box sums make LNCC 0/0 in zero backgrounds
+        with torch.autocast(device_type=ddf.device.type, enabled=False):
+            ddf, pair = ddf.float(), pair.float()
+            warped = self.transformer(pair[:, :1], ddf)
+            return self.similarity(warped, pair[:, 1:]) + self.smooth_weight * self.smoothness(ddf)

@@ -48,12 +48,29 @@ def dice_per_label(
     Raises:
         ValueError: when the shapes differ.
     """
+    labels = _labels(pred, target, labels)
+    # three histograms instead of three full-volume masks per label: one pass over a volume for ~45 labels
+    pred, target = pred.flatten().long(), target.flatten().long()
+    low = min(int(pred.min()), int(target.min()), *[int(v) for v in labels]) if pred.numel() else 0
+    pred, target = pred - low, target - low
+    size = max(int(pred.max()), int(target.max()), *[int(v) - low for v in labels]) + 1 if pred.numel() else 1
+    inter = torch.bincount(pred[pred == target], minlength=size)
+    sums = torch.bincount(pred, minlength=size) + torch.bincount(target, minlength=size)
     scores = {}
-    for label in _labels(pred, target, labels):
-        p, t = pred == label, target == label
-        total = int(p.sum()) + int(t.sum())
-        scores[int(label)] = 2.0 * int((p & t).sum()) / total if total else float("nan")
+    for label in labels:
+        total = int(sums[int(label) - low])
+        scores[int(label)] = 2.0 * int(inter[int(label) - low]) / total if total else float("nan")
     return scores
+
+
+def _crop_to_union(p: torch.Tensor, t: torch.Tensor):
+    """Two masks cropped to the bounding box of either, with one voxel of background around it: their surfaces
+    and distances are unchanged, and a small structure of a large volume is scored in milliseconds."""
+    nonzero = (p | t).nonzero()
+    lo = (nonzero.min(0).values - 1).clamp(min=0)
+    hi = nonzero.max(0).values + 2
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    return p[box], t[box]
 
 
 def hd95_per_label(
@@ -85,6 +102,7 @@ def hd95_per_label(
         if not (p.any() and t.any()):
             scores[int(label)] = float("nan")
             continue
+        p, t = _crop_to_union(p, t)
         hd = compute_hausdorff_distance(
             p[None, None], t[None, None], include_background=True, percentile=95, spacing=spacing
         )

@@ -101,6 +101,8 @@ def pretrain(
     synth_pairs: int = 256,
     batch_size: int = 8,
     learning_rate: float = 1e-3,
+    from_shipped: bool = False,
+    num_workers: int = 0,
     dataset_dir: str = "data/demo",
     output_dir: str = "runs/pretrain",
     bundle_root: Optional[str] = None,
@@ -118,6 +120,9 @@ def pretrain(
         synth_pairs: synthetic pairs per epoch.
         batch_size: training batch size.
         learning_rate: Adam learning rate.
+        from_shipped: start from the shipped weights of ``spatial_dims`` and ``variant`` (fine-tuning; the
+            manifest entry records their sha256 as ``started_from``) instead of a random initialisation.
+        num_workers: data-loader processes generating the synthetic pairs beside the training.
         dataset_dir: a dataset whose label maps are deformed half of the time (the synthetic demo data; generated
             at the default ``data/demo`` when missing). Never real scans for shipped weights.
         output_dir: training logs and checkpoints.
@@ -146,9 +151,12 @@ def pretrain(
         "learning_rate": learning_rate,
         "epochs": 1_000_000,  # the wall-clock budget ends the run
         "seed": seed,
+        "pretrained": bool(from_shipped),
+        "num_workers": num_workers,
         "output_dir": str(out / "train"),
         "ckpt_dir": str(out / "models"),
     }
+    started_from = sha256(pretrained_path(root, spatial_dims, variant)) if from_shipped else None
     torch.manual_seed(seed)
     start = time.perf_counter()
     record = train_run(overrides, minutes, max_steps)
@@ -169,6 +177,7 @@ def pretrain(
         "steps": record["iterations"],
         "epochs": record["epochs"],
         "wall_time_s": round(wall, 1),
+        **({"started_from": started_from} if started_from else {}),
         "data": "synthetic pairs only (custom.data.synth, with the synthetic demo label maps)",
     }
     entries = [e for e in read_manifest(root) if e.get("path") != relative] + [entry]

@@ -4,7 +4,7 @@ Both are written for TorchScript: ``torch.jit.script(SpatialTransformer())`` wor
 ``monai.networks.blocks.Warp``.
 """
 
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,16 +44,18 @@ class SpatialTransformer(nn.Module):
         self.mode = mode
         self.padding_mode = padding_mode
 
-    def forward(self, image: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, ddf: torch.Tensor, start: Optional[int] = None) -> torch.Tensor:
         """Warp ``image`` by ``ddf``.
 
         Args:
             image: ``(B, C, H, W[, D])``, any number of channels.
             ddf: ``(B, spatial_dims, H, W[, D])``, displacement in voxels; channel ``i`` moves along
-                spatial axis ``i``.
+                spatial axis ``i``. Or, with ``start``, the displacement of a slab of the output: the part of the
+                last axis from ``start`` to ``start + ddf.shape[-1]`` (the whole image is sampled).
+            start: the slab's first index along the last axis (``None``: ``ddf`` covers the whole image).
 
         Returns:
-            The warped image, ``(B, C, H, W[, D])``, same dtype as ``image``.
+            The warped image ``(B, C, H, W[, D])`` (or its slab), same dtype as ``image``.
 
         Raises:
             ValueError: when the image is not 4-D/5-D or ``ddf`` does not match it.
@@ -64,9 +66,14 @@ class SpatialTransformer(nn.Module):
             )
         nd = image.dim() - 2
         expected = [image.shape[0], nd] + list(image.shape[2:])
-        if list(ddf.shape) != expected:
+        first = 0
+        if start is not None:
+            first = start
+            expected[-1] = min(ddf.shape[-1], image.shape[-1] - start) if 0 <= start < image.shape[-1] else 0
+        if list(ddf.shape) != expected or expected[-1] < 1:
+            where = "" if start is None else f" (a slab from index {start} of its last axis)"
             raise ValueError(
-                f"ddf must have shape {expected} to match image {list(image.shape)}, got {list(ddf.shape)}."
+                f"ddf must have shape {expected} to match image {list(image.shape)}{where}, got {list(ddf.shape)}."
             )
         is_label = not image.is_floating_point()
         if is_label and self.mode != "nearest":
@@ -74,10 +81,11 @@ class SpatialTransformer(nn.Module):
         src = image.to(ddf.dtype) if is_label or image.dtype != ddf.dtype else image
         coords: List[torch.Tensor] = []
         for i in range(nd):
-            n = ddf.shape[2 + i]
+            n = image.shape[2 + i]
+            offset = first if i == nd - 1 else 0
             view = [1] * (nd + 1)
-            view[i + 1] = n
-            ramp = torch.arange(n, dtype=ddf.dtype, device=ddf.device).view(view)
+            view[i + 1] = ddf.shape[2 + i]
+            ramp = torch.arange(offset, offset + ddf.shape[2 + i], dtype=ddf.dtype, device=ddf.device).view(view)
             # same operation order as monai's Warp, so the two agree to the last bit
             coords.insert(0, (ramp + ddf[:, i]) * 2 / max(n - 1, 1) - 1)
         grid = torch.stack(coords, dim=-1)

@@ -1,9 +1,9 @@
-"""The small Ignite glue the bundle configs call: batch preparation, the pair loss, a validation metric,
+"""The small Ignite glue the bundle configs call: batch preparation, a validation metric,
 crash-safe checkpoints and the per-pair evaluation writer.
 
 A batch of pairs is fed to MONAI's stock ``SupervisedTrainer`` / ``SupervisedEvaluator``: ``inputs`` and
 ``targets`` are both the ``(B, 2, *S)`` (moving, fixed) stack, the network maps it to the displacement field,
-and :class:`PairLoss` warps and scores it.
+and :class:`custom.losses.PairLoss` warps and scores it.
 """
 
 import csv
@@ -28,7 +28,7 @@ from monai.handlers import from_engine
 from torch import nn
 
 from custom.io import atomic_write_text
-from custom.losses import GradLoss, LocalNCCLoss, MSELoss
+from custom.losses import LocalNCCLoss, MSELoss
 from custom.metrics import jacobian_stats, label_scores
 from custom.networks import check_spatial_dims
 from custom.warp import SpatialTransformer
@@ -38,7 +38,6 @@ __all__ = [
     "EpochSummary",
     "enable_resume",
     "iteration_loss",
-    "PairLoss",
     "PairMetricsWriter",
     "WarpedNCC",
     "decollated",
@@ -52,47 +51,6 @@ def prepare_pair_batch(batchdata: dict, device: Optional[Union[str, torch.device
     pair = torch.cat([batchdata["moving"], batchdata["fixed"]], dim=1)
     pair = torch.as_tensor(pair).to(device=device, non_blocking=non_blocking)
     return pair, pair
-
-
-class PairLoss(nn.Module):
-    """Unsupervised registration loss ``similarity(warp(moving, ddf), fixed) + smooth_weight * Grad(ddf)``,
-    computed in float32 also under mixed precision (autocast is disabled inside).
-
-    Args:
-        spatial_dims: 2 or 3.
-        similarity: ``"lncc"`` (local NCC, window ``kernel_size``) or ``"mse"``.
-        smooth_weight: weight of the smoothness penalty (VoxelMorph: 1.0 for NCC, 0.01 for MSE).
-        kernel_size: LNCC window.
-
-    Raises:
-        ValueError: for an unknown similarity.
-    """
-
-    def __init__(self, spatial_dims: int, similarity: str = "lncc", smooth_weight: float = 1.0, kernel_size: int = 9):
-        super().__init__()
-        spatial_dims = check_spatial_dims(spatial_dims)
-        if similarity not in ("lncc", "mse"):
-            raise ValueError(f"loss must be 'lncc' or 'mse', got {similarity!r}.")
-        self.similarity = LocalNCCLoss(spatial_dims, kernel_size) if similarity == "lncc" else MSELoss()
-        self.smoothness = GradLoss("l2")
-        self.smooth_weight = float(smooth_weight)
-        self.transformer = SpatialTransformer()
-
-    def forward(self, ddf: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
-        """Compute the loss.
-
-        Args:
-            ddf: ``(B, spatial_dims, *S)`` predicted displacement.
-            pair: ``(B, 2, *S)``; channel 0 moving, channel 1 fixed.
-
-        Returns:
-            The scalar loss.
-        """
-        # in float32 even inside autocast (amp): half-precision box sums make LNCC 0/0 in zero backgrounds
-        with torch.autocast(device_type=ddf.device.type, enabled=False):
-            ddf, pair = ddf.float(), pair.float()
-            warped = self.transformer(pair[:, :1], ddf)
-            return self.similarity(warped, pair[:, 1:]) + self.smooth_weight * self.smoothness(ddf)
 
 
 def iteration_loss(engine: Engine) -> float:

@@ -224,11 +224,14 @@ BAD_INPUTS = [
     ("inference", ["--moving", S2, "--fixed", f"{S1}/slice_norm.nii.gz", "--moving_label", f"{S2}/slice_seg4.nii.gz"], "goes with one moving file, not a folder"),  # label dropped silently before
     ("inference", PAIR + ["--ddf_format", "mm"], "ddf_format must be one of"),  # unknown format
     ("inference", PAIR + ["--refine_steps", "-1"], "refine_steps must be an integer >= 0"),  # negative steps
-    ("inference", PAIR + ["--refine_lr", "0"], "refine_lr must be > 0"),  # zero learning rate
+    ("inference", PAIR + ["--refine_lr", "0"], "refine_lr must be a finite number > 0"),  # zero learning rate
+    ("inference", PAIR + ["--refine_levels", "[2,4]"], "refine_levels must go from coarse to fine"),  # fine first
+    ("inference", PAIR + ["--refine_steps", "[5,5]"], r"one per level of refine_levels \[1\]"),  # 2 counts, 1 level
+    ("inference", ["--moving", f"{S2}/aligned_norm.nii.gz", "--fixed", f"{S1}/aligned_norm.nii.gz", "--spatial_dims", "3", "--max_memory_gb", "0.5"], r"24x28x20 grid: registering it needs about 0.6 GiB, more than the 0.5 GiB allowed"),  # too large
     ("evaluate", ["--eval_split", "dev"], "split must be 'train', 'val', 'test' or 'all', got 'dev'"),  # unknown split
     ("evaluate", ["--eval_split", "all", "--model_path", "maxpool.pt"], "checkpoint is for a 2D 'maxpool'"),  # variant
     ("evaluate", ["--eval_split", "all", "--label", "aligned_seg35"], "has no aligned_seg35.nii.gz"),  # missing label
-    ("evaluate", ["--eval_split", "all", "--refine_lr", "-2"], "refine_lr must be > 0"),  # negative learning rate
+    ("evaluate", ["--eval_split", "all", "--refine_lr", "-2"], "refine_lr must be a finite number > 0"),  # negative learning rate
     ("train", ["--dataset_dir", "data/demo_typo"], "dataset folder 'data/demo_typo' does not exist"),  # no silent demo
     ("train", ["--cache", "ram"], r"cache must be one of \('memory', 'disk', 'none'\), got 'ram'"),  # unknown cache
     ("register", ["--moving", "rotated.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"], "is not on the grid of fixed"),  # CLI

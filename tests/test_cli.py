@@ -110,13 +110,17 @@ BAD_ARGS = [
     (["study", "--losses", "ssim"], "losses among"),  # unknown loss
     (["register", "--fixed", "x.nii.gz"], "give --moving and --fixed"),  # missing moving
     (REGISTER + ["--refine_steps", "-1"], "refine_steps must be an integer >= 0"),  # negative steps
-    (REGISTER + ["--refine_lr", "0"], "refine_lr must be > 0"),  # zero learning rate
+    (REGISTER + ["--refine_lr", "0"], "refine_lr must be a finite number > 0"),  # zero learning rate
     (["evaluate", "--refine_steps", "-3"], "refine_steps must be an integer >= 0"),  # negative steps
-    (["evaluate", "--refine_lr", "-1"], "refine_lr must be > 0"),  # negative learning rate
+    (["evaluate", "--refine_lr", "-1"], "refine_lr must be a finite number > 0"),  # negative learning rate
     (["evaluate", "--label", "aligned_seg35"], "has no aligned_seg35.nii.gz"),  # label file that is missing
     (["accuracy", "--peers", "elastix"], "peers must be among"),  # unknown peer
     (["accuracy", "--test_subjects", "nobody"], "train and test subjects must be disjoint"),  # unknown subject
     (["accuracy", "--refine_steps", "10,-1"], "refine_steps must be an integer >= 0"),  # negative steps
+    (["accuracy", "--spatial_dims", "3", "--refine_steps", "[[4,2]]"], "one per level of refine_levels"),  # 2 of 3
+    (["accuracy", "--spatial_dims", "3", "--label", "aligned_seg35"], "has no aligned_seg35.nii.gz"),  # no such labels
+    (REGISTER + ["--refine_lr", "nan"], "refine_lr must be a finite number > 0, got 'nan'"),  # not a number
+    (REGISTER + ["--refine_levels", "[1,2]"], "refine_levels must go from coarse to fine"),  # fine first
 ]
 
 
@@ -168,6 +172,40 @@ def test_accuracy_end_to_end(ws):
                "--reuse_models True --peers monai", ws)
     assert "reusing the ours model" in proc.stdout and "reusing the monai model" in proc.stdout
     assert "models of an earlier run" in (ws / "acc" / "accuracy.md").read_text()
+
+
+def test_accuracy_3d_end_to_end(ws):
+    """The 3D benchmark on tiny demo volumes: known deformations of a labelled subject, every method in a process
+    of its own with its CPU seconds and peak memory; ANTs when installed."""
+    from custom.accuracy import ants_available
+
+    cli(
+        "accuracy --spatial_dims 3 --output_dir acc3 --test_subjects OASIS_OAS1_0012_MR1 --pairs_per_subject 2 "
+        "--max_displacement 1.5 --refine_steps [[4,2,0],[4,2,2]]",
+        ws,
+    )
+    results = json.loads((ws / "acc3" / "results.json").read_text())
+    expected = [
+        "identity (no registration)",
+        "network alone (both)",
+        "network + refine, default ([40, 20, 5] steps)",
+        "network + refine [4, 2, 0] steps",
+        "network + refine [4, 2, 2] steps",
+        "refine from zero, default (no network)",
+    ] + (["ANTs SyN (antspyx defaults)"] if ants_available() else [])
+    assert list(results["summary"]) == expected
+    table = (ws / "acc3" / "accuracy.md").read_text()
+    assert "| method | Dice | Dice worst 30% | HD95 (vox) | % folding | min det | SDlogJ | wall s | CPU s |" in table
+    identity = results["summary"]["identity (no registration)"]
+    assert identity["folding"]["mean"] == 0.0 and identity["min_det"]["mean"] == 1.0 and "cpu_s" not in identity
+    assert identity["dice"]["mean"] < 0.95  # the known deformations move the labels
+    for name in expected[1:]:
+        summary, pairs = results["summary"][name], results["pairs"][name]
+        assert len(pairs) == 2 and {p["fixed"] for p in pairs} == {"OASIS_OAS1_0012_MR1"}
+        assert 0 <= summary["dice"]["mean"] <= 1 and summary["min_det"]["mean"] <= 1.5
+        assert summary["cpu_s"]["mean"] > 0 and summary["wall_s"]["mean"] > 0 and 0.1 < summary["peak_rss_gib"]["mean"] < 8
+    default = results["summary"]["network + refine, default ([40, 20, 5] steps)"]
+    assert default["dice"]["mean"] > identity["dice"]["mean"]
 
 
 def test_study_end_to_end(ws):

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiffusionLoss, LocalNormalizedCrossCorrelationLoss
 
-from custom.losses import GradLoss, LocalNCCLoss, MSELoss, box_sum
+from custom import RegistrationNet
+from custom.losses import GradLoss, LocalNCCLoss, MSELoss, PairLoss, box_sum
 
 
 def slow_box_sum(x, k):
@@ -140,3 +141,51 @@ BAD_LOSS_INPUTS = [
 def test_bad_loss_inputs(loss, args, message):
     with pytest.raises(ValueError, match=message):
         loss(*args)
+
+
+@pytest.mark.parametrize(
+    "similarity,weight,expected",
+    [
+        ("lncc", 1.0, -1.0),  # identical images, zero field: LNCC -1, no smoothness penalty
+        ("mse", 0.01, 0.0),  # identical images: MSE 0
+    ],
+)
+def test_pair_loss_analytic(similarity, weight, expected):
+    image = torch.rand(2, 1, 16, 16)
+    loss = PairLoss(2, similarity, weight)(torch.zeros(2, 2, 16, 16), torch.cat([image, image], 1))
+    assert loss.item() == pytest.approx(expected, abs=1e-4)
+
+
+AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+def test_pair_loss_finite_under_autocast(dtype):
+    """amp: the loss of a real network on pairs with zero background stays finite with finite gradients."""
+    torch.manual_seed(0)
+    pair = torch.zeros(2, 2, 48, 56)
+    pair[:, :, 8:40, 10:46] = torch.rand(2, 2, 32, 36)  # brain-like: a foreground inside zeros
+    net = RegistrationNet(2, "both")
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            ddf = net(pair)
+            loss = PairLoss(2, "lncc", 1.0)(ddf, pair)
+    except RuntimeError as error:  # a torch build without this CPU autocast dtype
+        pytest.skip(f"CPU autocast with {dtype} is not available: {error}")
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_pair_loss_adds_weighted_smoothness():
+    image = torch.rand(1, 1, 16, 16)
+    ddf = torch.randn(1, 2, 16, 16)
+    pair = torch.cat([image, image], 1)
+    difference = PairLoss(2, "mse", 2.0)(ddf, pair) - PairLoss(2, "mse", 0.0)(ddf, pair)
+    assert difference.item() == pytest.approx(2.0 * GradLoss()(ddf).item(), rel=1e-5)
+
+
+def test_pair_loss_bad_similarity():
+    with pytest.raises(ValueError, match="loss must be 'lncc' or 'mse', got 'ssim'"):
+        PairLoss(2, "ssim")

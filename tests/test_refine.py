@@ -1,12 +1,16 @@
-"""Test-time refinement: a known displacement is recovered, the loss decreases, 2D and 3D, CPU and GPU."""
+"""Test-time refinement: a known displacement is recovered, the loss decreases, coarse to fine, early stopping, the
+slab-wise loss against the plain one, 2D and 3D, CPU and GPU."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import custom.refine
 from custom import RegistrationNet, SpatialTransformer
-from custom.refine import RegistrationInferer, refine
-from custom.workflow import PairLoss
+from custom.data import known_deformation_pairs
+from custom.losses import PairLoss
+from custom.metrics import dice_per_label
+from custom.refine import DEFAULTS, RefineOptions, RefiningInferer, RegistrationInferer, _LevelLoss, refine
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -39,23 +43,26 @@ def interior_error(ddf, true, margin):
 
 
 CASES = [
-    # (shape, shift in voxels, integration_steps, downsample)
-    ((48, 56), (1.5, -1.0), 0, 1),  # 2D displacement
-    ((48, 56), (1.5, -1.0), 7, 1),  # 2D velocity (the default)
-    ((24, 28, 20), (1.0, -0.8, 0.6), 7, None),  # 3D velocity at half resolution (the 3D default)
-    ((24, 28, 20), (1.0, -0.8, 0.6), 0, 1),  # 3D displacement at full resolution
+    # (shape, shift in voxels, integration_steps, levels, downsample)
+    ((48, 56), (1.5, -1.0), 0, (1,), 1),  # 2D displacement
+    ((48, 56), (1.5, -1.0), 7, None, None),  # 2D velocity (the 2D default)
+    ((48, 56), (1.5, -1.0), 7, (2, 1), 1),  # 2D coarse to fine
+    ((24, 28, 20), (1.0, -0.8, 0.6), None, None, None),  # 3D default: 1/4, 1/2 then full resolution
+    ((24, 28, 20), (1.0, -0.8, 0.6), 0, (1,), 1),  # 3D displacement at full resolution
+    ((24, 28, 20), (1.0, -0.8, 0.6), 7, (2, 1), 2),  # 3D velocity at half resolution, loss at half then full
 ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape,shift,integration_steps,downsample", CASES)
-def test_known_shift_recovered_and_loss_decreases(device, shape, shift, integration_steps, downsample):
+@pytest.mark.parametrize("shape,shift,integration_steps,levels,downsample", CASES)
+def test_known_shift_recovered_and_loss_decreases(device, shape, shift, integration_steps, levels, downsample):
     moving, fixed, true = shifted_pair(shape, shift, device)
     start = 0.3 * true  # a network that found a third of the way
-    refined = refine(
-        moving, fixed, start, steps=60, lr=0.1, smooth_weight=1.0, integration_steps=integration_steps,
-        downsample=downsample,
-    )
+    options = RefineOptions(60, 0.1, 1.0, "lncc", integration_steps, levels, downsample, tolerance=0.0)
+    history = []
+    refined = refine(moving, fixed, start, options, history=history)
+    expected_levels = levels or DEFAULTS[len(shape)]["levels"]
+    assert [h["level"] for h in history] == list(expected_levels) and all(h["steps"] == 60 for h in history)
     assert refined.shape == true.shape and refined.device.type == device and not refined.requires_grad
     assert interior_error(refined, true, 6) < 0.5 * interior_error(start, true, 6)
     loss = PairLoss(len(shape), "lncc", 1.0)
@@ -65,15 +72,66 @@ def test_known_shift_recovered_and_loss_decreases(device, shape, shift, integrat
 
 def test_zero_steps_return_the_start():
     moving, fixed, true = shifted_pair((16, 20), (1.0, 0.0), "cpu")
-    torch.testing.assert_close(refine(moving, fixed, true, steps=0, integration_steps=0), true)
-    assert torch.equal(refine(moving, fixed, None, steps=0), torch.zeros_like(true))
+    torch.testing.assert_close(refine(moving, fixed, true, RefineOptions(steps=0, integration_steps=0)), true)
+    assert torch.equal(refine(moving, fixed, None, RefineOptions(steps=0)), torch.zeros_like(true))
 
 
 def test_more_steps_from_the_network_beat_zero_start():
     moving, fixed, true = shifted_pair((48, 56), (2.0, -1.5), "cpu")
-    from_network = refine(moving, fixed, 0.5 * true, steps=10, lr=0.1, integration_steps=0)
-    from_zero = refine(moving, fixed, None, steps=10, lr=0.1, integration_steps=0)
+    options = RefineOptions(steps=10, lr=0.1, integration_steps=0)
+    from_network = refine(moving, fixed, 0.5 * true, options)
+    from_zero = refine(moving, fixed, None, options)
     assert interior_error(from_network, true, 6) < interior_error(from_zero, true, 6)
+
+
+@pytest.mark.parametrize("shape", [(48, 56), (24, 28, 20)])
+def test_early_stop_on_a_plateau(shape):
+    """A level stops once its loss improves by less than ``tolerance`` over ``patience`` steps; 0 never stops."""
+    moving, fixed, true = shifted_pair(shape, (1.0,) * len(shape), "cpu")
+    stopped, full = [], []
+    refine(moving, fixed, None, RefineOptions(200, 0.1, levels=(2, 1), tolerance=0.01, patience=3), history=stopped)
+    refine(moving, fixed, None, RefineOptions(30, 0.1, levels=(2, 1), tolerance=0.0), history=full)
+    assert [h["steps"] for h in full] == [30, 30]
+    assert all(3 <= h["steps"] < 200 for h in stopped), stopped
+
+
+@pytest.mark.parametrize("shape,kernel_factor", [((20, 24), 1), ((12, 14, 18), 1), ((12, 14, 18), 2)])
+def test_slab_loss_equals_the_training_loss(monkeypatch, shape, kernel_factor):
+    """Reference: the slab-wise loss and gradient equal PairLoss on the whole image (LNCC is local)."""
+    monkeypatch.setattr(custom.refine, "SLAB_VOXELS", 3 * shape[0] * shape[1])  # 3-voxel slabs: many borders
+    torch.manual_seed(0)
+    pair = torch.rand(2, 2, *shape)
+    options = RefineOptions(smooth_weight=0.7).for_dims(len(shape))
+    ddf = (2 * torch.randn(2, len(shape), *shape)).requires_grad_()
+    value = _LevelLoss(len(shape), options, kernel_factor).backward(ddf * 1.0, pair)
+    kernel = 9 if kernel_factor == 1 else 5
+    reference = ddf.detach().clone().requires_grad_()
+    expected = PairLoss(len(shape), "lncc", 0.7, kernel)(reference, pair)
+    expected.backward()
+    assert value == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(ddf.grad, reference.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(64, 72), (32, 36, 28)])
+def test_known_deformation_recovered(shape):
+    """A random smooth deformation of a labelled image is undone: labels overlap again, the field is recovered."""
+    image = blobs(shape)[0]
+    label = (image * 4).int().clamp(max=3)
+    item = known_deformation_pairs(image, label, 1, max_displacement=3.0, seed=3, name="blobs")[0]
+    assert item["fixed"] is image and item["true_ddf"].shape == (len(shape), *shape)
+    torch.testing.assert_close(item["moving"], SpatialTransformer()(image[None], item["true_ddf"][None])[0])
+    ddf = refine(item["moving"][None], item["fixed"][None], None, RefineOptions(steps=80, lr=0.2, tolerance=0.0))
+
+    def dice(warped_label):
+        scores = dice_per_label(warped_label.reshape(label[0].shape), label[0])
+        return sum(scores.values()) / len(scores)
+
+    warped = SpatialTransformer("nearest")(item["moving_label"][None], ddf)[0]
+    assert dice(warped) > dice(item["moving_label"]) + 0.05
+    # ``moving(x) = image(x + true(x))``: registering moving back needs the inverse, about ``-true`` for a small field
+    margin = [slice(None)] + [slice(6, -6)] * len(shape)
+    error = (ddf[0] + item["true_ddf"])[tuple(margin)].norm(dim=0).mean()
+    assert error < 0.5 * item["true_ddf"][tuple(margin)].norm(dim=0).mean()
 
 
 class ShiftNet(torch.nn.Module):
@@ -97,7 +155,13 @@ def test_inferer_without_steps_is_the_network():
     net = RegistrationNet(2, "both").eval()
     x = torch.rand(2, 2, 32, 40)
     with torch.no_grad():
-        torch.testing.assert_close(RegistrationInferer(0)(x, net), net(x))
+        torch.testing.assert_close(RefiningInferer(0)(x, net), net(x))
+
+
+def test_deprecated_inferer_name_still_works():
+    with pytest.warns(DeprecationWarning, match="use custom.refine.RefiningInferer"):
+        inferer = RegistrationInferer(steps=0)
+    assert isinstance(inferer, RefiningInferer)
 
 
 @pytest.mark.parametrize("network_steps,velocity_calls", [(0, 0), (7, 1)])
@@ -105,7 +169,7 @@ def test_inferer_starts_from_the_networks_velocity(network_steps, velocity_calls
     moving, fixed, true = shifted_pair((32, 40), (1.0, 1.0), "cpu")
     net = ShiftNet(0.5 * true, network_steps)
     with torch.no_grad():  # as inside MONAI's evaluator
-        ddf = RegistrationInferer(20, 0.1)(torch.cat([moving, fixed], 1), net)
+        ddf = RefiningInferer(20, 0.1)(torch.cat([moving, fixed], 1), net)
     assert net.velocity_calls == velocity_calls
     assert interior_error(ddf, true, 6) < interior_error(0.5 * true, true, 6)
 
@@ -114,12 +178,21 @@ BAD_OPTIONS = [
     # (keyword arguments, message)
     ({"steps": -1}, "refine_steps must be an integer >= 0"),  # negative steps
     ({"steps": 2.5}, "refine_steps must be an integer >= 0"),  # fractional steps
-    ({"lr": 0.0}, "refine_lr must be > 0"),  # zero learning rate
-    ({"lr": -0.1}, "refine_lr must be > 0"),  # negative learning rate
-    ({"smooth_weight": -1.0}, "refine_smooth_weight must be >= 0"),  # negative weight
-    ({"downsample": 3}, "refine_downsample must be 1, 2, 4 or null"),  # unsupported factor
+    ({"steps": [5, -1]}, "refine_steps must be an integer >= 0"),  # a negative count of a level
+    ({"steps": [5, 5, 5], "levels": [2, 1]}, r"one per level of refine_levels \[2, 1\], got \[5, 5, 5\]"),  # counts
+    ({"lr": 0.0}, "refine_lr must be a finite number > 0"),  # zero learning rate
+    ({"lr": -0.1}, "refine_lr must be a finite number > 0"),  # negative learning rate
+    ({"lr": float("nan")}, "refine_lr must be a finite number > 0, got nan"),  # not a number
+    ({"lr": 1e999}, "refine_lr must be a finite number > 0, got inf"),  # overflowed to infinity
+    ({"lr": "0.1"}, "refine_lr must be a finite number > 0, got '0.1'"),  # a string (fire passes "nan" as one)
+    ({"smooth_weight": -1.0}, "refine_smooth_weight must be a finite number >= 0"),  # negative weight
+    ({"levels": [3]}, r"refine_levels must be a list of divisors among \[1, 2, 4, 8\]"),  # unsupported factor
+    ({"levels": [1, 2]}, "refine_levels must go from coarse to fine"),  # fine to coarse
+    ({"downsample": 3}, r"refine_downsample must be one of \[1, 2, 4, 8\] or null"),  # unsupported factor
     ({"integration_steps": -2}, "refine_integration_steps must be an integer >= 0"),  # negative integration
     ({"similarity": "ssim"}, "loss must be 'lncc' or 'mse'"),  # unknown similarity
+    ({"tolerance": -1e-3}, "refine_tolerance must be a finite number >= 0"),  # negative tolerance
+    ({"patience": 0}, "refine_patience must be an integer >= 1"),  # no patience
 ]
 
 
@@ -127,7 +200,7 @@ BAD_OPTIONS = [
 def test_bad_refine_options(options, message):
     x = torch.rand(1, 2, 16, 16)
     with pytest.raises(ValueError, match=message):
-        RegistrationInferer(**{"steps": 1, **options})(x, ShiftNet(torch.zeros(1, 2, 16, 16)))
+        RefiningInferer(**{"steps": 1, **options})(x, ShiftNet(torch.zeros(1, 2, 16, 16)))
 
 
 BAD_SHAPES = [
@@ -141,4 +214,4 @@ BAD_SHAPES = [
 @pytest.mark.parametrize("moving,fixed,init,message", BAD_SHAPES)
 def test_bad_refine_shapes(moving, fixed, init, message):
     with pytest.raises(ValueError, match=message):
-        refine(torch.rand(moving), torch.rand(fixed), None if init is None else torch.zeros(init), steps=1)
+        refine(torch.rand(moving), torch.rand(fixed), None if init is None else torch.zeros(init), RefineOptions(1))
