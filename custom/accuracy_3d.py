@@ -27,7 +27,7 @@ from custom.accuracy import VOLUME_SWEEP, aggregate, ants_available, pair_metric
 from custom.study import as_list
 from custom.data.demo import ensure_dataset
 from custom.data.frames import SubjectFrames
-from custom.data.oasis import find_subjects
+from custom.data.oasis import find_subjects, resolve_label
 from custom.data.synth import known_deformation_pairs
 from custom.io import atomic_write_text
 from custom.metrics import jacobian_determinant
@@ -120,15 +120,29 @@ def _methods(model_path: Optional[str], variant: str, steps: Sequence[int], opti
 
 
 def _pairs(dataset_dir: str, subjects: Sequence[str], image: str, label: str, count: int, displacement, seed):
-    """Known-deformation pairs of the labelled subjects (all of them, or ``subjects``)."""
+    """Known-deformation pairs of ``subjects`` (default the last subject with a label map), each with its own
+    label map (``label``, or for ``"auto"`` the finest it has)."""
     root = Path(ensure_dataset(dataset_dir))
-    items = find_subjects(root, image, label)
-    labelled = [s for s in items if "label" in s and (not subjects or s["subject"] in subjects)]
+    every = find_subjects(root, image, None)
+    names = [s["subject"] for s in every]
+    missing = [s for s in subjects if s not in names]
+    if missing:
+        raise ValueError(f"test subjects {missing} are not subjects of {str(root)!r} (have {names}).")
+    labelled = []
+    for item in every:
+        if subjects and item["subject"] not in subjects:
+            continue
+        found = resolve_label([root / item["subject"]], label, image)
+        if found and (root / item["subject"] / f"{found}.nii.gz").is_file():
+            labelled.append({**item, "label": str(root / item["subject"] / f"{found}.nii.gz")})
+        elif subjects:
+            raise ValueError(f"test subject {item['subject']!r} has no label map (label={label!r}).")
     if not labelled:
         raise ValueError(
-            f"no labelled subject in {str(root)!r} (label={label!r}, subjects={list(subjects) or 'all'}): the 3D "
-            "benchmark deforms a labelled scan and registers it back."
+            f"no subject of {str(root)!r} has a label map (label={label!r}): the 3D benchmark deforms a labelled "
+            "scan and registers it back."
         )
+    labelled = labelled if subjects else labelled[-1:]
     frames = SubjectFrames(labelled, 3)
     pairs = []
     for i, subject in enumerate(labelled):

@@ -45,7 +45,7 @@ KEYS = ("moving", "fixed", "moving_label")
 BASE_GIB = 0.6
 BYTES_PER_VOXEL = 220
 """Peak resident memory of registering one pair: about ``BASE_GIB`` (Python, torch, MONAI) plus
-``BYTES_PER_VOXEL`` per voxel of the fixed grid (measured for 3D pairs with the default refinement: 1.9 GiB for
+``BYTES_PER_VOXEL`` per voxel of the fixed grid (measured for 3D pairs with the default refinement: 1.75 GiB for
 160x192x224; the refinement's slabs bound the rest). With 8 GiB a pair of up to about 36 million voxels (e.g.
 320x320x352) fits."""
 

@@ -226,6 +226,7 @@ BAD_INPUTS = [
     ("inference", PAIR + ["--refine_steps", "-1"], "refine_steps must be an integer >= 0"),  # negative steps
     ("inference", PAIR + ["--refine_lr", "0"], "refine_lr must be a finite number > 0"),  # zero learning rate
     ("inference", PAIR + ["--refine_levels", "[2,4]"], "refine_levels must go from coarse to fine"),  # fine first
+    ("inference", ["--moving", f"{S2}/aligned_norm.nii.gz", "--fixed", f"{S1}/aligned_norm.nii.gz", "--spatial_dims", "3"], "checkpoint is for a 2D 'both'.*this network is 3D"),  # 2D model for 3D data
     ("inference", PAIR + ["--refine_steps", "[5,5]"], r"one per level of refine_levels \[1\]"),  # 2 counts, 1 level
     ("inference", ["--moving", f"{S2}/aligned_norm.nii.gz", "--fixed", f"{S1}/aligned_norm.nii.gz", "--spatial_dims", "3", "--max_memory_gb", "0.5"], r"24x28x20 grid: registering it needs about 0.6 GiB, more than the 0.5 GiB allowed"),  # too large
     ("evaluate", ["--eval_split", "dev"], "split must be 'train', 'val', 'test' or 'all', got 'dev'"),  # unknown split
@@ -301,6 +302,7 @@ def test_torchrun_two_ranks_share_the_disk_cache_and_only_rank_0_writes(tmp_path
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run", "training"]
     cmd += ["--config_file", "['bundle/configs/train.json','bundle/configs/multi_gpu_train.json']", "--epochs", "2"]
     cmd += ["--cache", "disk", "--cache_dir", "runs/cache", "--num_workers", "1", "--batch_size", "3"]
+    cmd += ["--pretrained", "True"]  # needs train.json's imports (custom.pretrained) under torchrun too
     proc = run(cmd, cwd=ws, timeout=300)
     log = proc.stdout + proc.stderr
     assert len(re.findall(r"epoch \d/2: train_loss", log)) == 2  # one summary per epoch, from rank 0 only
@@ -313,6 +315,20 @@ def test_torchrun_two_ranks_share_the_disk_cache_and_only_rank_0_writes(tmp_path
     run_id = json.loads((checkpoints / "run.json").read_text())["run_id"]
     assert [p.name for p in checkpoints.glob("*.pt")] == [f"{run_id}_checkpoint_2.pt"]  # rank 0's run id
     assert {"model.pt", "model_final.pt"} <= {p.name for p in (ws / "bundle" / "models").iterdir()}
+
+
+@pytest.mark.parametrize("override", ["evaluate.json", "multi_gpu_train.json"])
+def test_override_configs_add_to_the_imports(override):
+    """MONAI replaces a list when merging configs: an override config adds imports with "+imports"."""
+    from monai.bundle import ConfigParser
+
+    base = json.loads((REPO / "bundle" / "configs" / "train.json").read_text())["imports"]
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundle" / "configs" / name) for name in ("train.json", override)])
+    merged = parser.get("imports")
+    assert merged[: len(base)] == base and "$import custom.one_line_errors" in merged
+    if override == "multi_gpu_train.json":
+        assert merged[len(base) :] == ["$import torch.distributed as dist"]
 
 
 def test_documented_defaults_match_train_json():

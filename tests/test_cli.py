@@ -118,7 +118,8 @@ BAD_ARGS = [
     (["accuracy", "--test_subjects", "nobody"], "train and test subjects must be disjoint"),  # unknown subject
     (["accuracy", "--refine_steps", "10,-1"], "refine_steps must be an integer >= 0"),  # negative steps
     (["accuracy", "--spatial_dims", "3", "--refine_steps", "[[4,2]]"], "one per level of refine_levels"),  # 2 of 3
-    (["accuracy", "--spatial_dims", "3", "--label", "aligned_seg35"], "has no aligned_seg35.nii.gz"),  # no such labels
+    (["accuracy", "--spatial_dims", "3", "--label", "aligned_seg35"], "has a label map (label='aligned_seg35')"),  # no such labels
+    (["accuracy", "--spatial_dims", "3", "--test_subjects", "nobody"], "are not subjects of"),  # unknown subject
     (REGISTER + ["--refine_lr", "nan"], "refine_lr must be a finite number > 0, got 'nan'"),  # not a number
     (REGISTER + ["--refine_levels", "[1,2]"], "refine_levels must go from coarse to fine"),  # fine first
 ]
