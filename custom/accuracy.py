@@ -185,7 +185,8 @@ def to_markdown(results: Dict[str, dict], volumes: bool = False) -> str:
     """The table of :func:`run_accuracy`'s results; ``volumes``: the 3D benchmark's columns (minimum
     determinant, wall and CPU seconds, peak RSS)."""
     if volumes:
-        head = "| method | Dice | Dice worst 30% | HD95 (vox) | % folding | min det | SDlogJ | wall s | CPU s | peak RSS GiB |"
+        head = "| method | Dice | Dice worst 30% | HD95 (vox) | % folding | min det | SDlogJ | wall s | CPU s "
+        head += "| peak RSS GiB |"
         cells = [("dice", 3, True), ("dice30", 3, False), ("hd95", 2, False), ("folding", 4, False)]
         cells += [("min_det", 2, False), ("sdlogj", 3, False), ("wall_s", 1, False), ("cpu_s", 1, False)]
         cells += [("peak_rss_gib", 2, False)]

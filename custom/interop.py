@@ -99,4 +99,3 @@ def ddf_to_voxel_image(ddf: torch.Tensor, reference: nib.Nifti1Image) -> nib.Nif
     header = _header()
     header.set_data_dtype(np.float32)
     return _with_geometry(vector.reshape(tuple(reference.shape) + (ddf.shape[0],)), reference, header)
-

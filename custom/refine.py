@@ -49,6 +49,7 @@ DEFAULTS = {
 field's resolution and the scaling-and-squaring steps."""
 
 LEVELS = (1, 2, 4, 8)
+_DIMS_DEFAULTS = ("downsample", "integration_steps")
 
 SLAB_VOXELS = 1 << 20
 """A level's similarity is computed and back-propagated in slabs of about this many voxels along the last axis.
@@ -146,13 +147,8 @@ class RefineOptions:
             raise ValueError(
                 f"refine_steps must be one integer or one per level of refine_levels {list(levels)}, got {list(steps)}."
             )
-        return replace(
-            self,
-            steps=steps,
-            levels=defaults["levels"] if self.levels is None else self.levels,
-            downsample=defaults["downsample"] if self.downsample is None else self.downsample,
-            integration_steps=defaults["integration_steps"] if self.integration_steps is None else self.integration_steps,
-        )
+        chosen = {k: defaults[k] if getattr(self, k) is None else getattr(self, k) for k in _DIMS_DEFAULTS}
+        return replace(self, steps=steps, levels=levels, **chosen)
 
 
 def resize_field(field: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -258,7 +254,8 @@ def refine(
     options = (options or RefineOptions()).for_dims(spatial_dims)
     if moving.shape != fixed.shape or moving.shape[1] != 1:
         raise ValueError(
-            f"expected moving and fixed of one shape (B, 1, *spatial), got {list(moving.shape)} and {list(fixed.shape)}."
+            f"expected moving and fixed of one shape (B, 1, *spatial), got {list(moving.shape)} and "
+            f"{list(fixed.shape)}."
         )
     size = list(moving.shape[2:])
     field_shape = [moving.shape[0], spatial_dims, *size]
@@ -354,8 +351,6 @@ class RefiningInferer(Inferer):
         with torch.no_grad():
             init = network.velocity(inputs) if velocity else network(inputs, *args, **kwargs)
         return refine(inputs[:, :1], inputs[:, 1:], init.float(), options, self.progress, self.history)
-
-
 
 
 class RegistrationInferer(RefiningInferer):

@@ -25,10 +25,9 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.data import decollate_batch
 from monai.handlers import from_engine
-from torch import nn
 
 from custom.io import atomic_write_text
-from custom.losses import LocalNCCLoss, MSELoss
+from custom.losses import LocalNCCLoss
 from custom.metrics import jacobian_stats, label_scores
 from custom.networks import check_spatial_dims
 from custom.warp import SpatialTransformer

@@ -118,7 +118,7 @@ BAD_ARGS = [
     (["accuracy", "--test_subjects", "nobody"], "train and test subjects must be disjoint"),  # unknown subject
     (["accuracy", "--refine_steps", "10,-1"], "refine_steps must be an integer >= 0"),  # negative steps
     (["accuracy", "--spatial_dims", "3", "--refine_steps", "[[4,2]]"], "one per level of refine_levels"),  # 2 of 3
-    (["accuracy", "--spatial_dims", "3", "--label", "aligned_seg35"], "has a label map (label='aligned_seg35')"),  # no such labels
+    (["accuracy", "--spatial_dims", "3", "--label", "aligned_seg35"], "label map (label='aligned_seg35')"),  # none
     (["accuracy", "--spatial_dims", "3", "--test_subjects", "nobody"], "are not subjects of"),  # unknown subject
     (REGISTER + ["--refine_lr", "nan"], "refine_lr must be a finite number > 0, got 'nan'"),  # not a number
     (REGISTER + ["--refine_levels", "[1,2]"], "refine_levels must go from coarse to fine"),  # fine first
@@ -204,7 +204,8 @@ def test_accuracy_3d_end_to_end(ws):
         summary, pairs = results["summary"][name], results["pairs"][name]
         assert len(pairs) == 2 and {p["fixed"] for p in pairs} == {"OASIS_OAS1_0012_MR1"}
         assert 0 <= summary["dice"]["mean"] <= 1 and summary["min_det"]["mean"] <= 1.5
-        assert summary["cpu_s"]["mean"] > 0 and summary["wall_s"]["mean"] > 0 and 0.1 < summary["peak_rss_gib"]["mean"] < 8
+        assert summary["cpu_s"]["mean"] > 0 and summary["wall_s"]["mean"] > 0
+        assert 0.1 < summary["peak_rss_gib"]["mean"] < 8
     default = results["summary"]["network + refine, default ([40, 20, 5] steps)"]
     assert default["dice"]["mean"] > identity["dice"]["mean"]
 

@@ -18,9 +18,9 @@ from typing import Optional, Sequence, Union
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.networks.layers import GaussianFilter
 
+from custom.data.synth import smooth_noise
 from custom.warp import SpatialTransformer
 
 __all__ = ["DEMO_SHAPE", "SEG4_LABELS", "make_demo", "ensure_dataset"]
@@ -33,19 +33,13 @@ logger = logging.getLogger(__name__)
 _AFFINE = np.diag([-1.0, 1.0, 1.0, 1.0])
 
 
-def _smooth_noise(gen: torch.Generator, channels: int, coarse: int, shape: Sequence[int]) -> torch.Tensor:
-    """Random field, smooth at the scale of ``shape / coarse``: ``(1, channels, *shape)``."""
-    low = torch.randn(1, channels, *([coarse] * len(shape)), generator=gen)
-    return F.interpolate(low, size=tuple(shape), mode="trilinear", align_corners=True)
-
-
 def _template(gen: torch.Generator, shape: Sequence[int]) -> torch.Tensor:
     """The template label map ``(1, 1, *shape)`` with labels 0-4."""
     axes = [torch.linspace(-1, 1, n) for n in shape]
     x, y, z = torch.meshgrid(*axes, indexing="ij")
     r = torch.sqrt((x / 0.82) ** 2 + (y / 0.88) ** 2 + (z / 0.8) ** 2)[None, None]
-    r = r + 0.04 * _smooth_noise(gen, 1, 4, shape)
-    folds = 0.07 * _smooth_noise(gen, 1, 10, shape)  # gyri: a wavy grey/white boundary
+    r = r + 0.04 * smooth_noise(gen, 1, shape, [4] * len(shape))
+    folds = 0.07 * smooth_noise(gen, 1, shape, [10] * len(shape))  # gyri: a wavy grey/white boundary
     labels = torch.zeros_like(r, dtype=torch.int64)
     labels[r < 0.9] = 1
     labels[r + folds < 0.72] = 3
@@ -62,14 +56,14 @@ def _template(gen: torch.Generator, shape: Sequence[int]) -> torch.Tensor:
 def _subject(gen: torch.Generator, template: torch.Tensor, smooth: GaussianFilter):
     shape = template.shape[2:]
     scale = torch.tensor(shape, dtype=torch.float32).view(1, 3, 1, 1, 1)
-    ddf = 0.03 * scale * _smooth_noise(gen, 3, 5, shape)
+    ddf = 0.03 * scale * smooth_noise(gen, 3, shape, [5] * len(shape))
     labels = SpatialTransformer("nearest")(template, ddf)
     means = torch.tensor([0.0, 0.55, 0.68, 0.88, 0.22]) + 0.04 * torch.randn(5, generator=gen)
     means[0] = 0.0
     image = means[labels] + 0.02 * torch.randn(labels.shape, generator=gen)
     image = smooth(image) * (labels > 0)
     image = (image / image.max()).clamp(0, 1)
-    bias = torch.exp(0.15 * _smooth_noise(gen, 1, 3, shape))
+    bias = torch.exp(0.15 * smooth_noise(gen, 1, shape, [3] * len(shape)))
     skull = (smooth((labels > 0).float()) > 0.02) & (labels == 0)
     orig = image * 110 * bias + skull * (35 + 5 * torch.randn(labels.shape, generator=gen))
     return image[0, 0], orig[0, 0].clamp(min=0), labels[0, 0]

@@ -11,7 +11,7 @@ and index give the same pair.
 """
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -27,10 +27,21 @@ __all__ = ["SYNTH_SHAPES", "SyntheticPairs", "known_deformation_pairs", "random_
 SYNTH_SHAPES = {2: (160, 192), 3: (96, 112, 128)}
 
 
-def smooth_noise(gen: torch.Generator, channels: int, shape: Sequence[int], cells: int) -> torch.Tensor:
-    """``(1, channels, *shape)`` noise, smooth at ``cells`` random values along the largest axis (linear
-    upsampling of a coarse grid)."""
-    coarse = [max(2, math.ceil(cells * n / max(shape))) for n in shape]
+def smooth_noise(
+    gen: torch.Generator, channels: int, shape: Sequence[int], cells: Union[int, Sequence[int]]
+) -> torch.Tensor:
+    """``(1, channels, *shape)`` noise, smooth: Gaussian values on a coarse grid, linearly upsampled.
+
+    Args:
+        gen: the random generator.
+        channels: noise channels.
+        shape: spatial shape.
+        cells: random values along the largest axis (the other axes in proportion), or the coarse grid's shape.
+    """
+    if isinstance(cells, int):
+        coarse = [max(2, math.ceil(cells * n / max(shape))) for n in shape]
+    else:
+        coarse = list(cells)
     low = torch.randn(1, channels, *coarse, generator=gen)
     mode = "bilinear" if len(shape) == 2 else "trilinear"
     return F.interpolate(low, size=tuple(shape), mode=mode, align_corners=True)
