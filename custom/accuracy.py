@@ -39,7 +39,7 @@ from custom.warp import SpatialTransformer
 
 __all__ = ["MonaiVoxelMorph", "aggregate", "ants_available", "as_list", "pair_metrics", "run_accuracy", "to_markdown"]
 
-VOLUME_SWEEP = ((40, 20, 0), (40, 20, 10), (40, 40, 20))
+VOLUME_SWEEP = ((60, 10, 0), (60, 20, 10), (60, 20, 20))
 """The refinement steps per level (a quarter, half and full resolution) tabulated in 3D besides the default."""
 COLUMNS = ("dice", "dice30", "hd95", "folding", "min_det", "sdlogj", "seconds", "wall_s", "cpu_s", "peak_rss_gib")
 
@@ -254,7 +254,7 @@ def run_accuracy(
         learning_rate: training learning rate.
         smooth_weight: training smoothness weight.
         refine_steps: refinement step counts to tabulate (comma-separated or a list); default 5,10,25,50 in 2D; in
-            3D, where each may be one count per level, [[40,20,0],[40,20,10],[40,40,20]].
+            3D, where each may be one count per level, [[60,10,0],[60,20,10],[60,20,20]].
         refine_lr: refinement learning rate.
         refine_smooth_weight: refinement smoothness weight.
         default_refine_steps: the step count of the "refinement only, from zero" row.

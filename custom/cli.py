@@ -75,7 +75,7 @@ class Commands:
             resample: resample moving images (and labels) onto the fixed grid when their geometry differs.
             loss: the training similarity (lncc or mse), used by the refinement.
             refine_steps: test-time refinement steps per pair at most, one number for every level or one per level
-                (0: the network's field as it is); default 10 in 2D, [40,20,5] in 3D (custom.refine.DEFAULTS).
+                (0: the network's field as it is); default 10 in 2D, [60,10,5] in 3D (custom.refine.DEFAULTS).
             refine_lr: refinement learning rate (voxels per step).
             refine_smooth_weight: refinement smoothness weight.
             refine_levels: the refinement's resolution divisors, coarse to fine, e.g. [4,2,1]; default [1] in 2D,
@@ -128,7 +128,7 @@ class Commands:
             output_dir: where the files go.
             loss: the training similarity (lncc or mse), used by the refinement.
             refine_steps: test-time refinement steps per pair at most, one number for every level or one per level
-                (0: the network alone); default 10 in 2D, [40,20,5] in 3D.
+                (0: the network alone); default 10 in 2D, [60,10,5] in 3D.
             refine_lr: refinement learning rate (voxels per step).
             refine_smooth_weight: refinement smoothness weight.
             refine_levels: the refinement's resolution divisors, coarse to fine; default [1] in 2D, [4,2,1] in 3D.

@@ -43,7 +43,7 @@ __all__ = ["DEFAULTS", "RefineOptions", "RefiningInferer", "RegistrationInferer"
 
 DEFAULTS = {
     2: {"steps": (10,), "levels": (1,), "downsample": 1, "integration_steps": 7},
-    3: {"steps": (40, 20, 5), "levels": (4, 2, 1), "downsample": 2, "integration_steps": 5},
+    3: {"steps": (60, 10, 5), "levels": (4, 2, 1), "downsample": 2, "integration_steps": 3},
 }
 """The per-dimensionality defaults of the options left ``None``: steps per level, the pyramid, the optimised
 field's resolution and the scaling-and-squaring steps."""

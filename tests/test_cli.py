@@ -189,7 +189,7 @@ def test_accuracy_3d_end_to_end(ws):
     expected = [
         "identity (no registration)",
         "network alone (both)",
-        "network + refine, default ([40, 20, 5] steps)",
+        "network + refine, default ([60, 10, 5] steps)",
         "network + refine [4, 2, 0] steps",
         "network + refine [4, 2, 2] steps",
         "refine from zero, default (no network)",
@@ -206,7 +206,7 @@ def test_accuracy_3d_end_to_end(ws):
         assert 0 <= summary["dice"]["mean"] <= 1 and summary["min_det"]["mean"] <= 1.5
         assert summary["cpu_s"]["mean"] > 0 and summary["wall_s"]["mean"] > 0
         assert 0.1 < summary["peak_rss_gib"]["mean"] < 8
-    default = results["summary"]["network + refine, default ([40, 20, 5] steps)"]
+    default = results["summary"]["network + refine, default ([60, 10, 5] steps)"]
     assert default["dice"]["mean"] > identity["dice"]["mean"]
 
 
