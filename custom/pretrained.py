@@ -152,6 +152,7 @@ def pretrain(
         "epochs": 1_000_000,  # the wall-clock budget ends the run
         "seed": seed,
         "pretrained": bool(from_shipped),
+        "bundle_root": str(root),
         "num_workers": num_workers,
         "output_dir": str(out / "train"),
         "ckpt_dir": str(out / "models"),

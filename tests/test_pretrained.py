@@ -121,6 +121,23 @@ def test_pretrain_reproduces_a_file_and_its_manifest_entry(tmp_path, monkeypatch
     assert pretrained_path(root, 2, "both") == path
     shutil.rmtree(tmp_path / "pre")
     assert pretrain(2, **options) == path and sha256(path) == entry["hash_val"]  # the same seed, the same file
+    assert "started_from" not in entry
+
+
+def test_pretrain_fine_tunes_the_shipped_file_with_a_loader_process(tmp_path, monkeypatch):
+    """``from_shipped`` starts from the shipped weights and records their hash; ``num_workers`` generates pairs."""
+    monkeypatch.chdir(tmp_path)
+    make_demo(tmp_path / "demo", num_subjects=3, shape=(24, 28, 20))
+    root = copy_bundle(tmp_path)
+    before = sha256(root / "models" / "pretrained_2d_both.pt")
+    path = pretrain(2, minutes=5, max_steps=2, shape=(32, 32), synth_pairs=4, batch_size=2, learning_rate=1e-5,
+                    from_shipped=True, num_workers=1, dataset_dir="demo", output_dir="pre", bundle_root=str(root))
+    entry = {e["path"]: e for e in read_manifest(root)}["models/pretrained_2d_both.pt"]
+    assert entry["started_from"] == before != entry["hash_val"]
+    shipped = torch.load(REPO / "bundle" / "models" / "pretrained_2d_both.pt", weights_only=True)
+    tuned = torch.load(path, weights_only=True)
+    change = max(float((tuned[k].float() - shipped[k].float()).abs().max()) for k in shipped)
+    assert 0 < change < 0.01  # two small steps from the shipped weights, not a new initialisation
 
 
 # --- registering out of the box ---------------------------------------------------------------------------
