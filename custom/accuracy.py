@@ -17,6 +17,7 @@ import math
 import os
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -37,7 +38,15 @@ from custom.refine import RefineOptions, RefiningInferer
 from custom.study import as_list, bundle_dir, train_run
 from custom.warp import SpatialTransformer
 
-__all__ = ["MonaiVoxelMorph", "aggregate", "ants_available", "as_list", "pair_metrics", "run_accuracy", "to_markdown"]
+__all__ = [
+    "MonaiVoxelMorph",
+    "aggregate",
+    "ants_available",
+    "ants_register",
+    "pair_metrics",
+    "run_accuracy",
+    "to_markdown",
+]
 
 VOLUME_SWEEP = ((60, 10, 0), (60, 20, 10), (60, 20, 20))
 """The refinement steps per level (a quarter, half and full resolution) tabulated in 3D besides the default."""
@@ -126,25 +135,23 @@ def _load(net: nn.Module, path: Path, device: torch.device) -> nn.Module:
     return net.to(device).eval()
 
 
-def _ants_method(transform: str, threads: int, seed: int):
-    """ANTs registration of a pair: ``(warped label, Jacobian determinant of its warp, seconds)``."""
+def ants_register(moving: torch.Tensor, fixed: torch.Tensor, moving_label: torch.Tensor, transform: str, seed: int):
+    """ANTs registration of a pair ``(1, *S)`` each: ``(warped label, Jacobian determinant of its deformable warp,
+    seconds of the registration)``; ANTs' transform files are removed."""
     import ants
 
-    def run(moving: torch.Tensor, fixed: torch.Tensor, moving_label: torch.Tensor):
-        f = ants.from_numpy(fixed[0].cpu().numpy().astype(np.float32))
-        m = ants.from_numpy(moving[0].cpu().numpy().astype(np.float32))
-        start = time.perf_counter()
-        reg = ants.registration(fixed=f, moving=m, type_of_transform=transform, random_seed=seed)
-        seconds = time.perf_counter() - start
-        label = ants.from_numpy(moving_label[0].cpu().numpy().astype(np.float32))
-        warped = ants.apply_transforms(f, label, reg["fwdtransforms"], interpolator="genericLabel")
-        jac = torch.from_numpy(ants.create_jacobian_determinant_image(f, reg["fwdtransforms"][0]).numpy())
-        for path in set(reg["fwdtransforms"] + reg["invtransforms"]):
-            if os.path.exists(path):
-                os.remove(path)
-        return torch.from_numpy(warped.numpy()).round().to(moving_label.dtype), jac, seconds
-
-    return run
+    f = ants.from_numpy(fixed[0].cpu().numpy().astype(np.float32))
+    m = ants.from_numpy(moving[0].cpu().numpy().astype(np.float32))
+    start = time.perf_counter()
+    reg = ants.registration(fixed=f, moving=m, type_of_transform=transform, random_seed=seed)
+    seconds = time.perf_counter() - start
+    label = ants.from_numpy(moving_label[0].cpu().numpy().astype(np.float32))
+    warped = ants.apply_transforms(f, label, reg["fwdtransforms"], interpolator="genericLabel")
+    jac = torch.from_numpy(ants.create_jacobian_determinant_image(f, reg["fwdtransforms"][0]).numpy())
+    for path in set(reg["fwdtransforms"] + reg["invtransforms"]):
+        if os.path.exists(path):
+            os.remove(path)
+    return torch.from_numpy(warped.numpy()).round().to(moving_label.dtype), jac, seconds
 
 
 def _network_method(net: nn.Module, inferer: RefiningInferer, device: torch.device):
@@ -364,7 +371,7 @@ def run_accuracy(
         methods["MONAI VoxelMorph (same data and budget)"] = _network_method(monai_net, RefiningInferer(0), dev)
     if "ants" in peers:
         if ants_available():
-            methods[f"ANTs {ants_transform} (antspyx)"] = _ants_method(ants_transform, threads, seed)
+            methods[f"ANTs {ants_transform} (antspyx)"] = partial(ants_register, transform=ants_transform, seed=seed)
         else:
             print('ANTs row skipped: antspyx is not installed (pip install -e ".[peers]")', flush=True)
 

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from custom.accuracy import VOLUME_SWEEP, aggregate, ants_available, pair_metrics, to_markdown
+from custom.accuracy import VOLUME_SWEEP, aggregate, ants_available, ants_register, pair_metrics, to_markdown
 from custom.study import as_list
 from custom.data.demo import ensure_dataset
 from custom.data.frames import SubjectFrames
@@ -54,17 +54,8 @@ def _register_network(spec: dict, moving: torch.Tensor, fixed: torch.Tensor, mov
 
 def _register_ants(spec: dict, moving: torch.Tensor, fixed: torch.Tensor, moving_label: torch.Tensor):
     """ANTs in the child process: (warped label, Jacobian determinant of its forward transform)."""
-    import ants
-
-    f, m = ants.from_numpy(fixed[0].numpy()), ants.from_numpy(moving[0].numpy())
-    reg = ants.registration(fixed=f, moving=m, type_of_transform=spec["transform"], random_seed=spec["seed"])
-    label = ants.from_numpy(moving_label[0].numpy().astype("float32"))
-    warped = ants.apply_transforms(f, label, reg["fwdtransforms"], interpolator="genericLabel")
-    det = torch.from_numpy(ants.create_jacobian_determinant_image(f, reg["fwdtransforms"][0]).numpy())
-    for path in set(reg["fwdtransforms"] + reg["invtransforms"]):
-        if os.path.exists(path):
-            os.remove(path)
-    return torch.from_numpy(warped.numpy()).round(), det
+    warped, det, _ = ants_register(moving, fixed, moving_label, spec["transform"], spec["seed"])
+    return warped, det
 
 
 def _child(spec: dict, pair_files: List[str], out_dir: str, threads: int) -> None:

@@ -64,11 +64,9 @@ def _integer(name: str, value, minimum: int) -> int:
 
 
 def _number(name: str, value, positive: bool) -> float:
-    bound = "> 0" if positive else ">= 0"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
-    if value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
+    real = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if not real or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}.")
     return float(value)
 
 
