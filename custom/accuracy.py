@@ -35,7 +35,7 @@ from custom.metrics import folding_stats, jacobian_determinant, label_scores
 from custom.networks import RegistrationNet, check_spatial_dims
 from custom.pretrained import pretrained_path
 from custom.refine import RefineOptions, RefiningInferer
-from custom.study import as_list, bundle_dir, train_run
+from custom.runner import as_list, bundle_dir, train_run
 from custom.warp import SpatialTransformer
 
 __all__ = [
@@ -290,8 +290,20 @@ def run_accuracy(
 
         refine = {"lr": refine_lr, "smooth_weight": refine_smooth_weight}
         return run_volume_accuracy(
-            dataset_dir, test_subjects, output_dir, variant, model_path, image, label, pairs_per_subject,
-            max_displacement, VOLUME_SWEEP if refine_steps is None else refine_steps, refine, peers, threads, seed,
+            dataset_dir,
+            test_subjects,
+            output_dir,
+            variant,
+            model_path,
+            image,
+            label,
+            pairs_per_subject,
+            max_displacement,
+            VOLUME_SWEEP if refine_steps is None else refine_steps,
+            refine,
+            peers,
+            threads,
+            seed,
         )
     steps_list = [int(s) for s in as_list((5, 10, 25, 50) if refine_steps is None else refine_steps)]
     for steps in steps_list + [default_refine_steps]:
@@ -345,7 +357,9 @@ def run_accuracy(
     pairs = [dataset[int(i)] for i in picks]
     print(f"{len(pairs)} test pairs from {tests}; training on {trains}", flush=True)
 
-    ours = _load(RegistrationNet(spatial_dims, variant), _train("ours", common, out, budget_minutes, None, reuse_models), dev)
+    ours = _load(
+        RegistrationNet(spatial_dims, variant), _train("ours", common, out, budget_minutes, None, reuse_models), dev
+    )
     methods: Dict[str, Callable] = {"identity (no registration)": None}
     methods[f"ours ({variant})"] = _network_method(ours, RefiningInferer(0), dev)
     for steps in steps_list:

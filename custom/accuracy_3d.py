@@ -24,7 +24,6 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from custom.accuracy import VOLUME_SWEEP, aggregate, ants_available, ants_register, pair_metrics, to_markdown
-from custom.study import as_list
 from custom.data.demo import ensure_dataset
 from custom.data.frames import SubjectFrames
 from custom.data.oasis import find_subjects, resolve_label
@@ -33,6 +32,7 @@ from custom.io import atomic_write_text
 from custom.metrics import jacobian_determinant
 from custom.networks import RegistrationNet
 from custom.refine import DEFAULTS, RefineOptions, RefiningInferer
+from custom.runner import as_list
 from custom.warp import SpatialTransformer
 
 __all__ = ["run_volume_accuracy"]
@@ -169,11 +169,13 @@ def run_volume_accuracy(
         The path of ``accuracy.md``.
     """
     from custom.pretrained import pretrained_path
-    from custom.study import bundle_dir
+    from custom.runner import bundle_dir
 
     if pairs_per_subject < 1 or not max_displacement > 0:
-        raise ValueError(f"pairs_per_subject must be >= 1 and max_displacement > 0, got {pairs_per_subject} and "
-                         f"{max_displacement}.")
+        raise ValueError(
+            f"pairs_per_subject must be >= 1 and max_displacement > 0, got {pairs_per_subject} and "
+            f"{max_displacement}."
+        )
     steps = [tuple(int(n) for n in s) if isinstance(s, (list, tuple)) else int(s) for s in as_list(refine_steps)]
     options = {k: v for k, v in (refine_options or {}).items() if v is not None}
     for n in steps:

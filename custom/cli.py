@@ -1,30 +1,26 @@
-"""``python -m custom <command>`` (or ``vxm-lite <command>``): register, plot, evaluate, benchmark, make-demo, study,
-accuracy, pretrain, scale.
+"""``python -m custom <command>`` (or ``vxm-lite <command>``): register, apply, plot, evaluate,
+benchmark, make-demo, export-bundle, study, accuracy, pretrain, scale.
 
 Each command runs the same code as the bundle (its configs or the functions they call). Bad arguments and bad
 input stop with one ``error:`` line and exit code 2.
 """
 
+import difflib
+import inspect
 import sys
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import fire
 
 from custom.accuracy import run_accuracy
 from custom.errors import exit_on_user_error
 from custom.pretrained import pretrain
+from custom.runner import bundle_dir, run_workflow
 from custom.scale import run_scale
-from custom.study import bundle_dir, bundle_workflow, run_study
+from custom.study import run_study
 
-__all__ = ["Commands", "main"]
-
-
-def _run_workflow(configs: Sequence[str], run_id: str, overrides: dict) -> None:
-    workflow = bundle_workflow(configs, run_id, overrides)
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+__all__ = ["Commands", "check_arguments", "main", "usage"]
 
 
 def _evaluation_options(args: dict) -> dict:
@@ -51,6 +47,7 @@ class Commands:
         integration_steps: int = 0,
         output_dir: str = "runs/inference",
         ddf_format: str = "itk",
+        jacobian: bool = False,
         resample: bool = False,
         loss: str = "lncc",
         refine_steps: Union[int, Sequence[int], None] = None,
@@ -71,7 +68,9 @@ class Commands:
             variant: the model's variant.
             integration_steps: the model's integration steps.
             output_dir: where <moving>__to__<fixed>_warped / _ddf / _warped_label .nii.gz and pairs_out.csv go.
-            ddf_format: itk (a displacement field ITK/ANTs/Slicer apply: LPS mm, intent vector) or voxel.
+            ddf_format: itk (a displacement field ITK/ANTs/Slicer apply: LPS mm, intent vector; .mha for single
+                slices) or voxel.
+            jacobian: also write <name>_jacobian.nii.gz, the field's Jacobian determinant (<= 0 where it folds).
             resample: resample moving images (and labels) onto the fixed grid when their geometry differs.
             loss: the training similarity (lncc or mse), used by the refinement.
             refine_steps: test-time refinement steps per pair at most, one number for every level or one per level
@@ -83,7 +82,7 @@ class Commands:
             max_memory_gb: refuse pairs whose estimated peak memory exceeds this (default: the memory available).
         """
         options = {k: v for k, v in locals().items() if k != "self" and not (k == "model_path" and v is None)}
-        _run_workflow(["inference.json"], "run", {**options, "bundle_root": str(bundle_dir())})
+        run_workflow(["inference.json"], "run", {**options, "bundle_root": str(bundle_dir())})
         return output_dir
 
     def evaluate(
@@ -134,7 +133,7 @@ class Commands:
             refine_levels: the refinement's resolution divisors, coarse to fine; default [1] in 2D, [4,2,1] in 3D.
         """
         options = _evaluation_options(locals())
-        _run_workflow(["train.json", "evaluate.json"], "evaluating", options)
+        run_workflow(["train.json", "evaluate.json"], "evaluating", options)
         return str(Path(output_dir) / "summary.md")
 
     def plot(
@@ -176,7 +175,7 @@ class Commands:
             num_pairs: columns of the grid.
         """
         options = _evaluation_options(locals())
-        _run_workflow(["train.json", "evaluate.json"], "display", {**options, "plot_pairs": num_pairs})
+        run_workflow(["train.json", "evaluate.json"], "display", {**options, "plot_pairs": num_pairs})
         return output_dir
 
     def benchmark(
@@ -202,14 +201,7 @@ class Commands:
         """
         from custom.benchmark import main as benchmark_main
 
-        args = [
-            "--spatial-dims",
-            str(spatial_dims),
-            "--device",
-            device,
-            "--threads",
-            str(threads),
-        ]
+        args = ["--spatial-dims", str(spatial_dims), "--device", device, "--threads", str(threads)]
         args += ["--repeats", str(repeats)] if repeats else []
         args += ["--shape", *map(str, shape)] if shape else []
         args += ["--batch-size", str(batch_size)] if batch_size else []
@@ -232,17 +224,94 @@ class Commands:
 
         return str(make_demo(directory, num_subjects, tuple(shape), seed))
 
+    def apply(
+        self, image: str, field: str, output: str, mode: str = "auto", jacobian: bool = False, overwrite: bool = False
+    ) -> str:
+        """Warp an image or label map with a field that register wrote, onto the field's (fixed) grid.
+
+        Args:
+            image: a NIfTI image or label map on the grid the pair was registered on.
+            field: the <name>_ddf file (ITK .nii.gz/.mha or voxel layout).
+            output: the warped file (.nii.gz or .nii).
+            mode: linear (images), nearest (label maps) or auto (nearest for integer data).
+            jacobian: also write <output>_jacobian.nii.gz, the field's Jacobian determinant.
+            overwrite: replace existing outputs (inputs are never overwritten).
+        """
+        from custom.interop import apply_field
+
+        return "\n".join(apply_field(image, field, output, mode, jacobian, overwrite))
+
+    def export_bundle(self, output_dir: str, overwrite: bool = False, archive: bool = True) -> str:
+        """Write the bundle as the MONAI model zoo takes it: one self-contained folder (configs, docs, LICENSE,
+        models/model.pt, large_files.yml and the custom package) and a zip of it.
+
+        Args:
+            output_dir: the bundle folder; its name is the bundle's name in the zoo (models/<name>).
+            overwrite: replace an existing non-empty folder (and its zip).
+            archive: also write <output_dir>.zip.
+        """
+        from custom.export import export_bundle
+
+        return export_bundle(output_dir, overwrite, archive)
+
     study = staticmethod(run_study)
     accuracy = staticmethod(run_accuracy)
     pretrain = staticmethod(pretrain)
     scale = staticmethod(run_scale)
 
 
+def _commands() -> Dict[str, Callable]:
+    return {name.replace("_", "-"): getattr(Commands, name) for name in dir(Commands) if not name.startswith("_")}
+
+
+def usage() -> str:
+    """The top-level help: every command with the first line of its docstring."""
+    lines = ["usage: python -m custom COMMAND [--option value ...]   (COMMAND --help for its options)", "", "commands:"]
+    for name, function in _commands().items():
+        summary = (inspect.getdoc(function) or "").split("\n\n")[0].replace("\n", " ").replace("``", "")
+        summary = summary.split(". ")[0].split(": ")[0].rstrip(".")
+        lines.append(f"  {name:<14} {summary}")
+    return "\n".join(lines)
+
+
+def _closest(name: str, choices: Sequence[str]) -> str:
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid: {', '.join(sorted(choices))}."
+
+
+def check_arguments(argv: Sequence[str]) -> None:
+    """Check the command and every ``--option`` name before any work.
+
+    Raises:
+        ValueError: for an unknown command or option, naming the closest valid one.
+    """
+    commands = _commands()
+    command = argv[0]
+    if command.replace("_", "-") not in commands:
+        raise ValueError(f"unknown command {command!r}{_closest(command.replace('_', '-'), commands)}")
+    parameters = [p for p in inspect.signature(commands[command.replace("_", "-")]).parameters if p != "self"]
+    for arg in argv[1:]:
+        if arg.startswith("--") and arg not in ("--help", "--"):
+            name = arg[2:].split("=", 1)[0].replace("-", "_")
+            name = name[2:] if name.startswith("no") and name[2:] in parameters else name  # fire's --noflag
+            if name not in parameters:
+                options = ["--" + p for p in parameters]
+                raise ValueError(f"{command}: unknown option --{name}{_closest('--' + name, options)}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Console entry point."""
+    """Console entry point: one ``error:`` line and exit code 2 for bad arguments or input, 130 when interrupted."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
     try:
         with exit_on_user_error():
-            fire.Fire(Commands, command=list(sys.argv[1:] if argv is None else argv), name="vxm-lite")
+            check_arguments(args)
+            fire.Fire(Commands, command=args, name="vxm-lite")
     except TypeError as error:  # fire's report of a wrong argument type
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("error: interrupted; the outputs of unfinished pairs or epochs were not written", file=sys.stderr)
+        raise SystemExit(130) from None

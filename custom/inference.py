@@ -24,21 +24,14 @@ from ignite.engine import Engine, Events
 
 from custom.data.oasis import IMAGE_FILES
 from custom.data.transforms import ScaleForegroundd
-from custom.errors import exit_on_user_error
-from custom.interop import DDF_FORMATS, check_itk_affine, ddf_to_itk, ddf_to_voxel_image
+from custom.interop import DDF_FORMATS, check_itk_affine, field_suffix, write_field
 from custom.io import atomic_path, atomic_write_text
+from custom.metrics import jacobian_determinant
 from custom.networks import check_spatial_dims
 from custom.warp import SpatialTransformer
 from custom.workflow import decollated
 
-__all__ = [
-    "RegistrationPairs",
-    "RegistrationWriter",
-    "estimate_memory_gib",
-    "list_pairs",
-    "output_names",
-    "run_or_exit",
-]
+__all__ = ["RegistrationPairs", "RegistrationWriter", "estimate_memory_gib", "list_pairs", "output_names"]
 
 NIFTI = (".nii.gz", ".nii")
 KEYS = ("moving", "fixed", "moving_label")
@@ -89,8 +82,9 @@ def list_pairs(
     fixed: Optional[str] = None,
     moving_label: Optional[str] = None,
     pairs: Optional[str] = None,
+    dataset_dir: Union[str, Path] = ".",
 ) -> List[Dict[str, str]]:
-    """The pairs to register, from one of three forms.
+    """The pairs to register, from one of three forms; relative paths are taken from ``dataset_dir``.
 
     - ``moving`` and ``fixed`` files (and optionally ``moving_label``): one pair;
     - ``moving`` a folder and ``fixed`` a file: every NIfTI in the folder to that fixed image (no labels);
@@ -103,6 +97,9 @@ def list_pairs(
     """
     if pairs and (moving or fixed or moving_label):
         raise ValueError("give either --pairs pairs.csv or --moving/--fixed, not both.")
+    moving, fixed, moving_label, pairs = (
+        str(Path(dataset_dir, p)) if p else p for p in (moving, fixed, moving_label, pairs)
+    )
     if pairs:
         table = Path(pairs)
         if not table.is_file():
@@ -305,16 +302,18 @@ class RegistrationWriter:
         output_dir: output folder (created).
         ddf_format: ``"itk"`` (ITK/ANTs/Slicer displacement field, LPS mm, see :mod:`custom.interop`) or
             ``"voxel"`` (our own ``(*S, spatial_dims)`` voxel layout).
+        jacobian: also write ``<name>_jacobian.nii.gz``, the field's Jacobian determinant (``<= 0`` where it folds).
 
     Raises:
         ValueError: for an unknown ``ddf_format``.
     """
 
-    def __init__(self, output_dir: Union[str, Path], ddf_format: str = "itk") -> None:
+    def __init__(self, output_dir: Union[str, Path], ddf_format: str = "itk", jacobian: bool = False) -> None:
         if ddf_format not in DDF_FORMATS:
             raise ValueError(f"ddf_format must be one of {DDF_FORMATS}, got {ddf_format!r}.")
         self.output_dir = Path(output_dir)
         self.ddf_format = ddf_format
+        self.jacobian = bool(jacobian)
         self.warp = SpatialTransformer("bilinear")
         self.warp_labels = SpatialTransformer("nearest")
         self.written: List[str] = []
@@ -326,11 +325,14 @@ class RegistrationWriter:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
         engine.add_event_handler(Events.COMPLETED, self._write_table)
 
+    def _record(self, path: Path) -> str:
+        self.written.append(str(path))
+        return path.name
+
     def _save(self, image: nib.Nifti1Image, path: Path) -> str:
         with atomic_path(path, suffix=".nii.gz") as tmp:
             nib.save(image, str(tmp))
-        self.written.append(str(path))
-        return path.name
+        return self._record(path)
 
     def _image(self, array: torch.Tensor, reference: nib.Nifti1Image, dtype) -> nib.Nifti1Image:
         header = reference.header.copy()
@@ -348,39 +350,28 @@ class RegistrationWriter:
                 warped_label = None
                 if "moving_label" in item:
                     warped_label = self.warp_labels(torch.as_tensor(item["moving_label"])[None], ddf)[0, 0]
-            field = ddf_to_itk(ddf[0], fixed) if self.ddf_format == "itk" else ddf_to_voxel_image(ddf[0], fixed)
+            field_path = self.output_dir / f"{name}_ddf{field_suffix(ddf.shape[1], self.ddf_format)}"
             row = {
                 "moving": item["moving_path"],
                 "fixed": item["fixed_path"],
                 "moving_label": item["label_path"],
                 "warped": self._save(self._image(warped, fixed, np.float32), self.output_dir / f"{name}_warped.nii.gz"),
-                "ddf": self._save(field, self.output_dir / f"{name}_ddf.nii.gz"),
+                "ddf": self._record(write_field(ddf[0], fixed, field_path, self.ddf_format)),
                 "warped_label": "",
             }
             if warped_label is not None:
                 path = self.output_dir / f"{name}_warped_label.nii.gz"
                 row["warped_label"] = self._save(self._image(warped_label, fixed, np.int32), path)
+            if self.jacobian:
+                det = jacobian_determinant(ddf)[0]
+                row["jacobian"] = self._save(
+                    self._image(det, fixed, np.float32), self.output_dir / f"{name}_jacobian.nii.gz"
+                )
             self.rows.append(row)
 
     def _write_table(self, engine: Engine) -> None:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=["moving", "fixed", "moving_label", "warped", "ddf", "warped_label"])
+        writer = csv.DictWriter(buffer, fieldnames=list(self.rows[0]) if self.rows else KEYS)
         writer.writeheader()
         writer.writerows(self.rows)
         atomic_write_text(self.output_dir / "pairs_out.csv", buffer.getvalue())
-
-
-def run_or_exit(evaluator: Union[Engine, Callable[[], Engine]]) -> None:
-    """Build (when given a factory) and run an evaluator, after validating its inferer's options and its
-    dataset's inputs; a user error becomes one line on stderr and exit code 2.
-
-    Nothing is written before every part has passed its ``validate``. The inference config passes a factory
-    (``"_mode_": "callable"``) so that the pair listing, which the evaluator's constructor triggers, is inside
-    this guard too.
-    """
-    with exit_on_user_error():
-        engine = evaluator if isinstance(evaluator, Engine) else evaluator()
-        for part in (getattr(engine, "inferer", None), engine.data_loader.dataset):
-            if hasattr(part, "validate"):
-                part.validate()
-        engine.run()

@@ -131,7 +131,7 @@ def pretrain(
     Returns:
         The path of the written weights.
     """
-    from custom.study import bundle_dir, train_run
+    from custom.runner import bundle_dir, train_run
 
     spatial_dims = check_spatial_dims(spatial_dims)
     if variant not in VARIANTS:

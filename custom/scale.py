@@ -31,7 +31,7 @@ from custom.benchmark import machine_description
 from custom.data.demo import make_demo
 from custom.data.oasis import IMAGE_FILES, LABEL_FILES
 from custom.io import atomic_write_text
-from custom.study import as_list, bundle_dir
+from custom.runner import as_list, bundle_dir
 
 __all__ = ["link_release", "process_tree_memory", "run_scale", "SCALE_MODES"]
 

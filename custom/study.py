@@ -8,82 +8,20 @@ figures, and write ``<output_dir>/<run>/report.md``.
 import json
 import shlex
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
-from ignite.engine import Events
-from ignite.handlers import TimeLimit
 
 from custom.benchmark import machine_description, measure_model, multiply_adds
 from custom.io import atomic_write_text
-from custom.workflow import iteration_loss
 from custom.networks import VARIANTS, RegistrationNet, check_spatial_dims, count_parameters
+from custom.runner import as_list, bundle_workflow, train_run
 
-__all__ = ["DEFAULT_SMOOTH_WEIGHT", "bundle_dir", "bundle_workflow", "run_study", "train_run"]
+__all__ = ["DEFAULT_SMOOTH_WEIGHT", "run_study"]
 
 DEFAULT_SMOOTH_WEIGHT = {"lncc": 1.0, "mse": 0.01}  # VoxelMorph's recommended regularisation per similarity
-
-
-def bundle_dir() -> Path:
-    """The bundle folder next to the ``custom`` package (an editable install or a source checkout)."""
-    return Path(__file__).resolve().parents[1] / "bundle"
-
-
-def as_list(value: Union[str, int, float, Sequence]) -> list:
-    """A command-line list: ``"a,b"`` (split on commas), a single number, or a sequence as it is."""
-    if isinstance(value, (int, float)):
-        return [value]
-    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
-
-
-def bundle_workflow(configs: Sequence[str], run_id: str, overrides: dict):
-    """A MONAI ``ConfigWorkflow`` of the bundle's ``configs`` (merged in order) with ``overrides``."""
-    from monai.bundle import ConfigWorkflow
-
-    paths = [str(bundle_dir() / "configs" / c) for c in configs]
-    meta = str(bundle_dir() / "configs" / "metadata.json")
-    return ConfigWorkflow(paths, meta_file=meta, logging_file=False, run_id=run_id, **overrides)
-
-
-def train_run(overrides: dict, max_minutes: Optional[float], max_steps: Optional[int] = None) -> dict:
-    """Train one run, for at most ``max_minutes`` of wall clock and ``max_steps`` iterations; returns wall time,
-    mean seconds per iteration, iterations and the per-epoch loss curve."""
-    workflow = bundle_workflow(["train.json"], "training", overrides)
-    workflow.initialize()
-    trainer = workflow.parser.get_parsed_content("train#trainer")
-    record = {"step_s": [], "losses": [], "curve": []}
-    started = [0.0]
-    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: started.__setitem__(0, time.perf_counter()))
-
-    def _done(engine):
-        record["step_s"].append(time.perf_counter() - started[0])
-        record["losses"].append(iteration_loss(engine))
-
-    def _epoch(engine):
-        record["curve"].append(sum(record["losses"]) / max(len(record["losses"]), 1))
-        record["losses"].clear()
-
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, _done)
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, _epoch)
-    if max_minutes:
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(max(1, int(max_minutes * 60))))
-    if max_steps:
-        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=max_steps), lambda engine: engine.terminate())
-    start = time.perf_counter()
-    workflow.run()
-    wall = time.perf_counter() - start
-    workflow.finalize()
-    steps = record["step_s"][1:] or record["step_s"]  # the first step includes warm-up
-    return {
-        "train_s": wall,
-        "step_s": sum(steps) / max(len(steps), 1),
-        "curve": record["curve"],
-        "epochs": len(record["curve"]),
-        "iterations": trainer.state.iteration,
-    }
 
 
 def _evaluate(overrides: dict, eval_dir: Path, figures_dir: Path, spatial_dims: int, variant: str, steps: int):

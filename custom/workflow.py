@@ -11,8 +11,8 @@ import io
 import json
 import logging
 import math
-import statistics
 import os
+import statistics
 import time
 from datetime import datetime
 from pathlib import Path
@@ -252,14 +252,16 @@ def enable_resume(
     path = latest_checkpoint(folder) if resume else None
     if path:
         stored = set(torch.load(path, map_location="cpu", weights_only=True))
-        CheckpointLoader(path, {k: v for k, v in state.items() if k in stored}, map_location=trainer.state.device).attach(
-            trainer
-        )
+        CheckpointLoader(
+            path, {k: v for k, v in state.items() if k in stored}, map_location=trainer.state.device
+        ).attach(trainer)
     return path
 
 
 def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    return (
+        torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    )
 
 
 def _run_id(folder: Path) -> Optional[str]:

@@ -95,7 +95,7 @@ def test_documented_commands_end_to_end(tmp_path):
     assert (ws / "runs" / "evaluate" / "metrics.csv").read_text().startswith("moving,fixed,lncc,mse")
     written = sorted(p.name for p in (ws / "runs" / "inference").iterdir())
     name = "OASIS_OAS1_0002_MR1_slice_norm__to__OASIS_OAS1_0001_MR1_slice_norm"
-    assert written == [f"{name}_ddf.nii.gz", f"{name}_warped.nii.gz", f"{name}_warped_label.nii.gz", "pairs_out.csv"]
+    assert written == [f"{name}_ddf.mha", f"{name}_warped.nii.gz", f"{name}_warped_label.nii.gz", "pairs_out.csv"]
     # the scripted export gives the checkpoint's output
     net = RegistrationNet(2, "both").eval()
     net.load_state_dict(torch.load(models / "model.pt", weights_only=True))
@@ -118,7 +118,11 @@ def test_inference_folder_and_csv_carry_fixed_geometry(tmp_path):
     run(base + ["--moving", "a", "--fixed", str(fixed_path), "--output_dir", "out"], cwd=ws)
     fixed = nib.load(fixed_path)
     name = "T1__to__OASIS_OAS1_0001_MR1_aligned_norm"
-    assert sorted(p.name for p in (ws / "out").iterdir()) == [f"{name}_ddf.nii.gz", f"{name}_warped.nii.gz", "pairs_out.csv"]
+    assert sorted(p.name for p in (ws / "out").iterdir()) == [
+        f"{name}_ddf.nii.gz",
+        f"{name}_warped.nii.gz",
+        "pairs_out.csv",
+    ]
     warped, ddf = nib.load(ws / "out" / f"{name}_warped.nii.gz"), nib.load(ws / "out" / f"{name}_ddf.nii.gz")
     assert warped.shape == fixed.shape and ddf.shape == fixed.shape + (1, 3)  # an ITK displacement field
     assert int(ddf.header["intent_code"]) == 1007
@@ -185,7 +189,10 @@ def infer_ws(tmp_path_factory):
     nib.save(nib.Nifti1Image(data, rotated), str(ws / "rotated.nii.gz"))
     moved = affine.copy()
     moved[:3, 3] = [5.0, 0.0, 0.0]
-    nib.save(nib.Nifti1Image(np.asarray(nib.load(ws / S2 / "slice_seg4.nii.gz").dataobj), moved), str(ws / "label_moved.nii.gz"))
+    nib.save(
+        nib.Nifti1Image(np.asarray(nib.load(ws / S2 / "slice_seg4.nii.gz").dataobj), moved),
+        str(ws / "label_moved.nii.gz"),
+    )
     shear = affine.copy()
     shear[0, 1] = 0.4
     for name in ("shear_moving", "shear_fixed"):
@@ -205,37 +212,102 @@ TRAIN = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file
 REGISTER = [sys.executable, "-m", "custom", "register"]
 BAD_INPUTS = [
     # (entry point, arguments, message in the one error line); nothing may be written
-    ("inference", ["--moving", f"{S2}/nothing.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"], "moving file .* does not exist"),  # missing file
-    ("inference", ["--moving", f"{S2}/aligned_norm.nii.gz", "--fixed", f"{S1}/aligned_norm.nii.gz"], r"has shape \[24, 28, 20\], but the model registers 2-D images"),  # 3D for a 2D model
-    ("inference", PAIR + ["--moving_label", f"{S2}/aligned_seg4.nii.gz"], "moving_label .* but the model registers 2-D"),  # label of another shape
-    ("inference", PAIR + ["--model_path", "maxpool.pt"], "checkpoint is for a 2D 'maxpool'.*this network is 2D 'both'"),  # other variant
+    (
+        "inference",
+        ["--moving", f"{S2}/nothing.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"],
+        "moving file .* does not exist",
+    ),  # missing file
+    (
+        "inference",
+        ["--moving", f"{S2}/aligned_norm.nii.gz", "--fixed", f"{S1}/aligned_norm.nii.gz"],
+        r"has shape \[24, 28, 20\], but the model registers 2-D images",
+    ),  # 3D for a 2D model
+    (
+        "inference",
+        PAIR + ["--moving_label", f"{S2}/aligned_seg4.nii.gz"],
+        "moving_label .* but the model registers 2-D",
+    ),  # label of another shape
+    (
+        "inference",
+        PAIR + ["--model_path", "maxpool.pt"],
+        "checkpoint is for a 2D 'maxpool'.*this network is 2D 'both'",
+    ),  # other variant
     ("inference", PAIR + ["--model_path", "nothing.pt"], "nothing.pt"),  # missing checkpoint
     ("inference", ["--fixed", f"{S1}/slice_norm.nii.gz"], "give --moving and --fixed"),  # no moving image
-    ("inference", ["--moving", "wide.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"], "is not on the grid of fixed"),  # shapes
-    ("inference", ["--moving", "rotated.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"], "is not on the grid of fixed"),  # affines
+    (
+        "inference",
+        ["--moving", "wide.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"],
+        "is not on the grid of fixed",
+    ),  # shapes
+    (
+        "inference",
+        ["--moving", "rotated.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"],
+        "is not on the grid of fixed",
+    ),  # affines
     ("inference", PAIR + ["--moving_label", "label_moved.nii.gz"], "is not on the grid of fixed"),  # label geometry
-    ("inference", ["--moving", "shear_moving.nii.gz", "--fixed", "shear_fixed.nii.gz"], "affine with shear"),  # no ITK field
-    ("inference", ["--moving", "junk.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"], "cannot read moving .* as NIfTI"),  # not NIfTI
-    ("inference", ["--pairs", "pairs_nan.csv"], "nan.nii.gz' contains NaN"),  # NaN in the second pair: first not written
+    (
+        "inference",
+        ["--moving", "shear_moving.nii.gz", "--fixed", "shear_fixed.nii.gz"],
+        "affine with shear",
+    ),  # no ITK field
+    (
+        "inference",
+        ["--moving", "junk.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"],
+        "cannot read moving .* as NIfTI",
+    ),  # not NIfTI
+    (
+        "inference",
+        ["--pairs", "pairs_nan.csv"],
+        "nan.nii.gz' contains NaN",
+    ),  # NaN in the second pair: first not written
     ("inference", ["--pairs", "pairs_empty.csv"], "line 3: empty fixed cell"),  # empty CSV cell
     ("inference", ["--pairs", "pairs_header.csv"], "needs a header with columns moving,fixed"),  # wrong header
     ("inference", ["--pairs", "nothing.csv"], "pairs CSV 'nothing.csv' does not exist"),  # missing CSV
     ("inference", PAIR + ["--pairs", "pairs_nan.csv"], "not both"),  # two forms at once
-    ("inference", ["--moving", S2, "--fixed", f"{S1}/slice_norm.nii.gz", "--moving_label", f"{S2}/slice_seg4.nii.gz"], "goes with one moving file, not a folder"),  # label dropped silently before
+    (
+        "inference",
+        ["--moving", S2, "--fixed", f"{S1}/slice_norm.nii.gz", "--moving_label", f"{S2}/slice_seg4.nii.gz"],
+        "goes with one moving file, not a folder",
+    ),  # label dropped silently before
     ("inference", PAIR + ["--ddf_format", "mm"], "ddf_format must be one of"),  # unknown format
     ("inference", PAIR + ["--refine_steps", "-1"], "refine_steps must be an integer >= 0"),  # negative steps
     ("inference", PAIR + ["--refine_lr", "0"], "refine_lr must be a finite number > 0"),  # zero learning rate
     ("inference", PAIR + ["--refine_levels", "[2,4]"], "refine_levels must go from coarse to fine"),  # fine first
-    ("inference", ["--moving", f"{S2}/aligned_norm.nii.gz", "--fixed", f"{S1}/aligned_norm.nii.gz", "--spatial_dims", "3"], "checkpoint is for a 2D 'both'.*this network is 3D"),  # 2D model for 3D data
+    (
+        "inference",
+        ["--moving", f"{S2}/aligned_norm.nii.gz", "--fixed", f"{S1}/aligned_norm.nii.gz", "--spatial_dims", "3"],
+        "checkpoint is for a 2D 'both'.*this network is 3D",
+    ),  # 2D model for 3D data
     ("inference", PAIR + ["--refine_steps", "[5,5]"], r"one per level of refine_levels \[1\]"),  # 2 counts, 1 level
-    ("inference", ["--moving", f"{S2}/aligned_norm.nii.gz", "--fixed", f"{S1}/aligned_norm.nii.gz", "--spatial_dims", "3", "--max_memory_gb", "0.5"], r"24x28x20 grid: registering it needs about 0.6 GiB, more than the 0.5 GiB allowed"),  # too large
+    (
+        "inference",
+        [
+            "--moving",
+            f"{S2}/aligned_norm.nii.gz",
+            "--fixed",
+            f"{S1}/aligned_norm.nii.gz",
+            "--spatial_dims",
+            "3",
+            "--max_memory_gb",
+            "0.5",
+        ],
+        r"24x28x20 grid: registering it needs about 0.6 GiB, more than the 0.5 GiB allowed",
+    ),  # too large
     ("evaluate", ["--eval_split", "dev"], "split must be 'train', 'val', 'test' or 'all', got 'dev'"),  # unknown split
     ("evaluate", ["--eval_split", "all", "--model_path", "maxpool.pt"], "checkpoint is for a 2D 'maxpool'"),  # variant
     ("evaluate", ["--eval_split", "all", "--label", "aligned_seg35"], "has no aligned_seg35.nii.gz"),  # missing label
-    ("evaluate", ["--eval_split", "all", "--refine_lr", "-2"], "refine_lr must be a finite number > 0"),  # negative learning rate
+    (
+        "evaluate",
+        ["--eval_split", "all", "--refine_lr", "-2"],
+        "refine_lr must be a finite number > 0",
+    ),  # negative learning rate
     ("train", ["--dataset_dir", "data/demo_typo"], "dataset folder 'data/demo_typo' does not exist"),  # no silent demo
     ("train", ["--cache", "ram"], r"cache must be one of \('memory', 'disk', 'none'\), got 'ram'"),  # unknown cache
-    ("register", ["--moving", "rotated.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"], "is not on the grid of fixed"),  # CLI
+    (
+        "register",
+        ["--moving", "rotated.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"],
+        "is not on the grid of fixed",
+    ),  # CLI
     ("register", ["--pairs", "pairs_nan.csv"], "contains NaN"),  # CLI, second pair
 ]
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
@@ -46,7 +48,9 @@ def ws(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("command", ["register", "plot", "evaluate", "benchmark", "make-demo", "study", "accuracy"])
+@pytest.mark.parametrize(
+    "command", ["register", "apply", "plot", "evaluate", "benchmark", "make-demo", "export-bundle", "study", "accuracy"]
+)
 def test_help_for_each_command(ws, command):
     proc = cli([command, "--help"], ws)
     text = proc.stdout + proc.stderr  # fire prints help on stderr
@@ -67,8 +71,14 @@ def test_documented_cli_commands_run(ws):
         extra = " --epochs 1 --num_val 2 --num_test 2 --batch_size 4" if " study " in cmd else ""
         shape = "[16,16,16]" if "--spatial_dims 3" in cmd else "[32,32]"
         extra += f" --shape {shape} --batch_size 2 --repeats 1" if " benchmark" in cmd else ""
-        extra += " --subjects 6 --spatial_dims 2 --ranks 1 --source data/demo --epoch_length 1" if " scale" in cmd else ""
-        extra += " --budget_minutes 0.05 --max_pairs 2 --refine_steps 2 --default_refine_steps 2" if " accuracy" in cmd else ""
+        extra += (
+            " --subjects 6 --spatial_dims 2 --ranks 1 --source data/demo --epoch_length 1" if " scale" in cmd else ""
+        )
+        extra += (
+            " --budget_minutes 0.05 --max_pairs 2 --refine_steps 2 --default_refine_steps 2"
+            if " accuracy" in cmd
+            else ""
+        )
         cli(cmd.replace("python -m custom ", "") + extra, ws)
 
 
@@ -85,10 +95,19 @@ def test_register_plot_evaluate(ws):
             str(s2 / "slice_seg4.nii.gz"),
             "--output_dir",
             "reg",
+            "--jacobian",
+            "True",
         ],
         ws,
     )
-    assert len(list((ws / "reg").iterdir())) == 3 + 1  # warped, ddf, warped label and pairs_out.csv
+    name = "OASIS_OAS1_0002_MR1_slice_norm__to__OASIS_OAS1_0001_MR1_slice_norm"
+    suffixes = ["_ddf.mha", "_jacobian.nii.gz", "_warped.nii.gz", "_warped_label.nii.gz"]
+    assert sorted(p.name for p in (ws / "reg").iterdir()) == [name + s for s in suffixes] + ["pairs_out.csv"]
+    # the saved field, applied to the moving label map by `apply`, gives register's own warped label map
+    field = ws / "reg" / f"{name}_ddf.mha"
+    cli(["apply", "--image", str(s2 / "slice_seg4.nii.gz"), "--field", str(field), "--output", "applied.nii.gz"], ws)
+    applied = nib.load(ws / "applied.nii.gz")
+    assert np.array_equal(applied.get_fdata(), nib.load(ws / "reg" / f"{name}_warped_label.nii.gz").get_fdata())
     cli(["plot", "--split", "all", "--output_dir", "figs"], ws)
     assert sorted(p.name for p in (ws / "figs").iterdir()) == [
         "deformation_grid.png",
@@ -101,6 +120,7 @@ def test_register_plot_evaluate(ws):
 
 S1, S2 = "data/demo/OASIS_OAS1_0001_MR1", "data/demo/OASIS_OAS1_0002_MR1"
 REGISTER = ["register", "--moving", f"{S2}/slice_norm.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"]
+APPLY = ["apply", "--image", f"{S2}/slice_norm.nii.gz", "--output", "out/warped.nii.gz"]
 BAD_ARGS = [
     # (arguments, message in the one error line); every command writes to "out", which must not appear
     (["evaluate", "--model_path", "nothing.pt"], "model file 'nothing.pt' does not exist"),  # no weights
@@ -122,13 +142,16 @@ BAD_ARGS = [
     (["accuracy", "--spatial_dims", "3", "--test_subjects", "nobody"], "are not subjects of"),  # unknown subject
     (REGISTER + ["--refine_lr", "nan"], "refine_lr must be a finite number > 0, got 'nan'"),  # not a number
     (REGISTER + ["--refine_levels", "[1,2]"], "refine_levels must go from coarse to fine"),  # fine first
+    (APPLY + ["--field", f"{S2}/slice_norm.nii.gz"], "is not a displacement field"),  # an image as the field
+    (APPLY + ["--field", "out/none_ddf.mha"], "field file 'out/none_ddf.mha' does not exist"),  # no field
+    (["export-bundle", "data"], "'data' exists and is not empty"),  # never overwrites
 ]
 
 
 @pytest.mark.parametrize("args,message", BAD_ARGS)
 def test_bad_arguments_one_line(ws, args, message):
-    out = "make-demo" if args[0] == "make-demo" else ["--output_dir", "out"]
-    proc = cli(args + ([] if out == "make-demo" else out), ws, check=False)
+    out = [] if args[0] in ("make-demo", "apply", "export-bundle") else ["--output_dir", "out"]
+    proc = cli(args + out, ws, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert message in proc.stderr.strip().splitlines()[-1]
@@ -169,8 +192,11 @@ def test_accuracy_end_to_end(ws):
         f"OASIS_OAS1_{i:04d}_MR1" for i in range(1, 12)
     ]
     # a second run reuses the trained models and measures every registration again
-    proc = cli("accuracy --output_dir acc --max_pairs 2 --offset 2 --refine_steps 2 --default_refine_steps 2 "
-               "--reuse_models True --peers monai", ws)
+    proc = cli(
+        "accuracy --output_dir acc --max_pairs 2 --offset 2 --refine_steps 2 --default_refine_steps 2 "
+        "--reuse_models True --peers monai",
+        ws,
+    )
     assert "reusing the ours model" in proc.stdout and "reusing the monai model" in proc.stdout
     assert "models of an earlier run" in (ws / "acc" / "accuracy.md").read_text()
 

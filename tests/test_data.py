@@ -507,8 +507,10 @@ def test_shards_split_subjects_between_ranks(demo):
     assert all(len(s) == 2 for s in subjects)
     assert set().union(*subjects) == {s["subject"] for s in find_subjects(demo)}
     for share in shares:  # inter-subject pairs are drawn within the share
-        assert all({share.frames.units[m]["subject"], share.frames.units[f]["subject"]} <= subjects[shares.index(share)]
-                   for m, f, _ in share.pairs)
+        assert all(
+            {share.frames.units[m]["subject"], share.frames.units[f]["subject"]} <= subjects[shares.index(share)]
+            for m, f, _ in share.pairs
+        )
 
 
 def test_two_frames_of_one_subject_read_it_once(demo):

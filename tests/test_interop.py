@@ -1,6 +1,7 @@
 """Our displacement fields, applied by the real ITK (SimpleITK), give our own warped image."""
 
 import math
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -9,11 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from custom import SpatialTransformer
-from custom.interop import check_itk_affine, ddf_to_itk, ddf_to_voxel_image
+from custom.interop import apply_field, check_itk_affine, ddf_to_itk, ddf_to_voxel_image, read_field, write_field
 
 sitk = pytest.importorskip("SimpleITK", reason='SimpleITK is not installed (pip install -e ".[interop]")')
 
 SHAPE = (20, 24, 18)
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "oasis_real"
 
 
 def rotation(axis, degrees):
@@ -55,8 +57,13 @@ def case(tmp_path_factory):
 def sitk_warp(root, field_path):
     field = sitk.ReadImage(str(field_path))
     transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
-    out = sitk.Resample(sitk.ReadImage(str(root / "moving.nii.gz")), sitk.ReadImage(str(root / "fixed.nii.gz")),
-                        transform, sitk.sitkLinear, 0.0)
+    out = sitk.Resample(
+        sitk.ReadImage(str(root / "moving.nii.gz")),
+        sitk.ReadImage(str(root / "fixed.nii.gz")),
+        transform,
+        sitk.sitkLinear,
+        0.0,
+    )
     return sitk.GetArrayFromImage(out).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
 
 
@@ -160,8 +167,22 @@ def test_register_writes_a_field_simpleitk_applies(tmp_path):
     for name in ("moving", "fixed"):
         src = demo / f"OASIS_OAS1_000{1 if name == 'fixed' else 2}_MR1" / "aligned_norm.nii.gz"
         nib.save(nib.Nifti1Image(np.asarray(nib.load(src).dataobj), affine), str(tmp_path / f"{name}.nii.gz"))
-    cmd = [sys.executable, "-m", "custom", "register", "--moving", "moving.nii.gz", "--fixed", "fixed.nii.gz",
-           "--spatial_dims", "3", "--refine_steps", "20", "--output_dir", "out"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "custom",
+        "register",
+        "--moving",
+        "moving.nii.gz",
+        "--fixed",
+        "fixed.nii.gz",
+        "--spatial_dims",
+        "3",
+        "--refine_steps",
+        "20",
+        "--output_dir",
+        "out",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddf_path = next((tmp_path / "out").glob("*_ddf.nii.gz"))
@@ -170,3 +191,177 @@ def test_register_writes_a_field_simpleitk_applies(tmp_path):
     ours = nib.load(next((tmp_path / "out").glob("*_warped.nii.gz"))).get_fdata()
     theirs = sitk_warp(tmp_path, ddf_path)
     assert interior_error(theirs, ours) < 1e-3 * np.abs(ours).max()
+
+
+def slice_affine():
+    """A single slice whose second array axis points superior-inferior (as the neurite-OASIS slices), rotated,
+    anisotropic and off the origin: its top-left 2x2 direction block is singular."""
+    m = rotation(2, 25) @ np.array([[-1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]]) @ np.diag([0.9, 1.3, 2.0])
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = m, [40.0, -3.5, 61.0]
+    return affine
+
+
+def synthetic_pair(root: Path, spatial_dims: int):
+    """Moving and fixed images on one oblique grid (a volume, or one slice), and a smooth field of a few voxels."""
+    shape, affine = (SHAPE, oblique_affine()) if spatial_dims == 3 else (SHAPE[:2] + (1,), slice_affine())
+    moving = smooth(shape, 1, 1.0, 0).abs()[0, 0].numpy()
+    for name in ("moving", "fixed"):
+        nib.save(nib.Nifti1Image(moving if name == "moving" else 0 * moving, affine), str(root / f"{name}.nii.gz"))
+    ddf = smooth(SHAPE[:spatial_dims], spatial_dims, 2.5, 1)[0] if spatial_dims == 3 else None
+    if spatial_dims == 2:
+        gen = torch.Generator().manual_seed(1)
+        low = torch.randn(1, 2, 4, 5, generator=gen)
+        ddf = 2.5 * F.interpolate(low, size=SHAPE[:2], mode="bilinear", align_corners=True)[0]
+    return root / "moving.nii.gz", root / "fixed.nii.gz", ddf
+
+
+def real_pair(root: Path, spatial_dims: int):
+    """Two real subjects of ../shared (slices or volumes: one grid), and a smooth field of a few voxels."""
+    name = "slice_norm.nii.gz" if spatial_dims == 2 else "aligned_norm.nii.gz"
+    moving, fixed = REAL / "subject_b" / name, REAL / "subject_a" / name
+    shape = nib.load(fixed).shape[:spatial_dims]
+    gen = torch.Generator().manual_seed(2)
+    low = torch.randn(1, spatial_dims, *[max(2, n // 20) for n in shape], generator=gen)
+    mode = "bilinear" if spatial_dims == 2 else "trilinear"
+    return moving, fixed, 3.0 * F.interpolate(low, size=shape, mode=mode, align_corners=True)[0]
+
+
+def ours(moving: Path, ddf: torch.Tensor) -> np.ndarray:
+    image = torch.from_numpy(np.asarray(nib.load(moving).dataobj, dtype=np.float32).reshape(ddf.shape[1:]))
+    return SpatialTransformer("bilinear", "zeros")(image[None, None], ddf[None])[0, 0].numpy()
+
+
+def simpleitk_apply(moving: Path, fixed: Path, field: Path) -> np.ndarray:
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(str(field)), sitk.sitkVectorFloat64))
+    out = sitk.Resample(sitk.ReadImage(str(moving)), sitk.ReadImage(str(fixed)), transform, sitk.sitkLinear, 0.0)
+    return sitk.GetArrayFromImage(out).transpose(2, 1, 0)
+
+
+def ants_apply(moving: Path, fixed: Path, field: Path) -> np.ndarray:
+    ants = pytest.importorskip("ants", reason='antspyx is not installed (pip install -e ".[peers]")')
+    fixed_image, moving_image = ants.image_read(str(fixed)), ants.image_read(str(moving))
+    return ants.apply_transforms(fixed_image, moving_image, [str(field)], interpolator="linear").numpy()
+
+
+PAIRS = [
+    # (source of the pair, spatial_dims)
+    ("synthetic", 3),  # oblique, anisotropic, flipped volume
+    ("synthetic", 2),  # one oblique slice whose 2x2 direction block is singular
+    ("real", 3),  # two real OASIS volumes of ../shared
+    ("real", 2),  # two real OASIS slices of ../shared (second axis superior-inferior)
+]
+
+
+@pytest.mark.parametrize("tool", [simpleitk_apply, ants_apply])
+@pytest.mark.parametrize("source,spatial_dims", PAIRS)
+def test_itk_tools_apply_our_fields_as_we_do(tmp_path, source, spatial_dims, tool):
+    """SimpleITK and ANTs, given the field we write (NIfTI in 3D, MetaImage for single slices), resample the moving
+    image into our own warp to within 1e-3 of its range."""
+    if source == "real" and not REAL.is_dir():
+        pytest.skip(f"the real OASIS subjects are not at {REAL}")
+    moving, fixed, ddf = (
+        synthetic_pair(tmp_path, spatial_dims) if source == "synthetic" else real_pair(tmp_path, spatial_dims)
+    )
+    field = write_field(ddf, nib.load(fixed), tmp_path / ("ddf.mha" if spatial_dims == 2 else "ddf.nii.gz"), "itk")
+    expected = ours(moving, ddf).reshape(nib.load(fixed).shape)
+    theirs = tool(moving, fixed, field).reshape(expected.shape)
+    inner = tuple(slice(4, -4) if n > 1 else slice(None) for n in expected.shape)
+    assert np.abs(theirs[inner] - expected[inner]).max() < 1e-3 * np.abs(expected).max()
+
+
+FORMATS = [
+    # (spatial_dims, ddf_format, file name)
+    (3, "itk", "ddf.nii.gz"),  # ITK NIfTI field
+    (2, "itk", "ddf.mha"),  # single-slice ITK field as MetaImage
+    (3, "voxel", "ddf.nii.gz"),  # our voxel layout
+    (2, "voxel", "ddf.nii.gz"),  # our voxel layout of a slice
+]
+
+
+@pytest.mark.parametrize("spatial_dims,ddf_format,name", FORMATS)
+def test_read_field_gives_back_the_voxel_field(tmp_path, spatial_dims, ddf_format, name):
+    _, fixed, ddf = synthetic_pair(tmp_path, spatial_dims)
+    reference = nib.load(fixed)
+    ddf_back, affine, grid = read_field(write_field(ddf, reference, tmp_path / name, ddf_format))
+    torch.testing.assert_close(ddf_back, ddf.float(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(affine, reference.affine, atol=1e-5)
+    assert grid == tuple(reference.shape[:3])
+
+
+def test_write_field_refuses_the_wrong_suffix(tmp_path):
+    _, fixed, ddf = synthetic_pair(tmp_path, 2)
+    with pytest.raises(ValueError, match=r"a 2D itk field goes in a .mha file, got 'ddf.nii.gz'"):
+        write_field(ddf, nib.load(fixed), tmp_path / "ddf.nii.gz", "itk")
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_apply_warps_images_linearly_and_labels_by_nearest(tmp_path, spatial_dims):
+    moving, fixed, ddf = synthetic_pair(tmp_path, spatial_dims)
+    field = write_field(ddf, nib.load(fixed), tmp_path / ("ddf.mha" if spatial_dims == 2 else "ddf.nii.gz"), "itk")
+    image = nib.load(moving)
+    labels = (np.asarray(image.dataobj) * 5).astype(np.int16)
+    nib.save(nib.Nifti1Image(labels, image.affine), str(tmp_path / "labels.nii.gz"))
+    written = apply_field(moving, field, tmp_path / "warped.nii.gz", jacobian=True)
+    assert written == [str(tmp_path / "warped.nii.gz"), str(tmp_path / "warped_jacobian.nii.gz")]
+    warped = nib.load(tmp_path / "warped.nii.gz")
+    expected = ours(moving, ddf).reshape(image.shape)
+    np.testing.assert_allclose(warped.get_fdata(), expected, atol=1e-4)
+    np.testing.assert_allclose(warped.affine, image.affine, atol=1e-5)
+    det = nib.load(tmp_path / "warped_jacobian.nii.gz").get_fdata()
+    assert det.shape == image.shape and 0.2 < np.median(det) < 5
+    apply_field(tmp_path / "labels.nii.gz", field, tmp_path / "warped_labels.nii.gz")  # auto: nearest for integers
+    warped_labels = nib.load(tmp_path / "warped_labels.nii.gz")
+    assert warped_labels.get_data_dtype() == np.int16
+    assert set(np.unique(np.asarray(warped_labels.dataobj))) <= set(np.unique(labels)) | {0}
+
+
+def four_d(tmp_path, moving, field):
+    image = nib.load(moving)
+    nib.save(nib.Nifti1Image(np.stack([np.asarray(image.dataobj)] * 2, -1), image.affine), str(tmp_path / "4d.nii.gz"))
+    return tmp_path / "4d.nii.gz", field
+
+
+def other_grid(tmp_path, moving, field):
+    image = nib.load(moving)
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), np.eye(4)), str(tmp_path / "other.nii.gz"))
+    return tmp_path / "other.nii.gz", field
+
+
+def not_a_field(tmp_path, moving, field):
+    return moving, moving
+
+
+def missing_field(tmp_path, moving, field):
+    return moving, tmp_path / "nothing.nii.gz"
+
+
+BAD_APPLY = [
+    # (inputs, output name, error, message)
+    (four_d, "out.nii.gz", ValueError, "is a 4-D image"),  # a 4-D image
+    (other_grid, "out.nii.gz", ValueError, "is not on the field's grid"),  # an image of another grid
+    (not_a_field, "out.nii.gz", ValueError, "is not a displacement field"),  # a plain image as the field
+    (missing_field, "out.nii.gz", FileNotFoundError, "field file .* does not exist"),  # a missing field
+    (missing_field, "out.png", ValueError, "must be a .nii.gz or .nii file"),  # an output of another format
+    (not_a_field, "moving.nii.gz", ValueError, "is one of the inputs"),  # the output would overwrite an input
+]
+
+
+@pytest.mark.parametrize("inputs,name,error,message", BAD_APPLY)
+def test_apply_refuses_bad_input_and_writes_nothing(tmp_path, inputs, name, error, message):
+    moving, fixed, ddf = synthetic_pair(tmp_path, 3)
+    field = write_field(ddf, nib.load(fixed), tmp_path / "ddf.nii.gz", "itk")
+    image, field = inputs(tmp_path, moving, field)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    with pytest.raises(error, match=message):
+        apply_field(image, field, tmp_path / name)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+
+
+def test_apply_refuses_to_overwrite_unless_told(tmp_path):
+    moving, fixed, ddf = synthetic_pair(tmp_path, 3)
+    field = write_field(ddf, nib.load(fixed), tmp_path / "ddf.nii.gz", "itk")
+    apply_field(moving, field, tmp_path / "out.nii.gz")
+    with pytest.raises(FileExistsError, match="exists; pass --overwrite True"):
+        apply_field(moving, field, tmp_path / "out.nii.gz")
+    apply_field(moving, field, tmp_path / "out.nii.gz", overwrite=True)

@@ -110,8 +110,16 @@ def test_pretrain_reproduces_a_file_and_its_manifest_entry(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     make_demo(tmp_path / "demo", num_subjects=3, shape=(24, 28, 20))
     root = copy_bundle(tmp_path)
-    options = dict(minutes=5, max_steps=3, shape=(32, 32), synth_pairs=8, batch_size=4, dataset_dir="demo",
-                   output_dir="pre", bundle_root=str(root))
+    options = dict(
+        minutes=5,
+        max_steps=3,
+        shape=(32, 32),
+        synth_pairs=8,
+        batch_size=4,
+        dataset_dir="demo",
+        output_dir="pre",
+        bundle_root=str(root),
+    )
     path = pretrain(2, **options)
     assert path == str(root / "models" / "pretrained_2d_both.pt")
     entries = {e["path"]: e for e in read_manifest(root)}
@@ -130,8 +138,20 @@ def test_pretrain_fine_tunes_the_shipped_file_with_a_loader_process(tmp_path, mo
     make_demo(tmp_path / "demo", num_subjects=3, shape=(24, 28, 20))
     root = copy_bundle(tmp_path)
     before = sha256(root / "models" / "pretrained_2d_both.pt")
-    path = pretrain(2, minutes=5, max_steps=2, shape=(32, 32), synth_pairs=4, batch_size=2, learning_rate=1e-5,
-                    from_shipped=True, num_workers=1, dataset_dir="demo", output_dir="pre", bundle_root=str(root))
+    path = pretrain(
+        2,
+        minutes=5,
+        max_steps=2,
+        shape=(32, 32),
+        synth_pairs=4,
+        batch_size=2,
+        learning_rate=1e-5,
+        from_shipped=True,
+        num_workers=1,
+        dataset_dir="demo",
+        output_dir="pre",
+        bundle_root=str(root),
+    )
     entry = {e["path"]: e for e in read_manifest(root)}["models/pretrained_2d_both.pt"]
     assert entry["started_from"] == before != entry["hash_val"]
     shipped = torch.load(REPO / "bundle" / "models" / "pretrained_2d_both.pt", weights_only=True)
@@ -155,7 +175,10 @@ def lncc(a, b):
 
 def test_fresh_checkout_registers_demo_pair_without_training(tmp_path):
     demo = make_demo(tmp_path / "demo", num_subjects=2, shape=(80, 96, 112))
-    moving, fixed = demo / "OASIS_OAS1_0002_MR1" / "slice_norm.nii.gz", demo / "OASIS_OAS1_0001_MR1" / "slice_norm.nii.gz"
+    moving, fixed = (
+        demo / "OASIS_OAS1_0002_MR1" / "slice_norm.nii.gz",
+        demo / "OASIS_OAS1_0001_MR1" / "slice_norm.nii.gz",
+    )
     register(["--moving", str(moving), "--fixed", str(fixed), "--output_dir", str(tmp_path / "out")], REPO)
     warped = nib.load(next((tmp_path / "out").glob("*_warped.nii.gz"))).get_fdata()[..., 0]
     m, f = (nib.load(p).get_fdata()[..., 0] for p in (moving, fixed))
@@ -164,8 +187,10 @@ def test_fresh_checkout_registers_demo_pair_without_training(tmp_path):
 
 def test_registers_real_pair_without_training(real_data, tmp_path):
     moving, fixed = real_data / "subject_b" / "slice_norm.nii.gz", real_data / "subject_a" / "slice_norm.nii.gz"
-    register(["--moving", str(moving), "--fixed", str(fixed), "--output_dir", str(tmp_path / "out"),
-              "--refine_steps", "0"], REPO)
+    register(
+        ["--moving", str(moving), "--fixed", str(fixed), "--output_dir", str(tmp_path / "out"), "--refine_steps", "0"],
+        REPO,
+    )
     warped = nib.load(next((tmp_path / "out").glob("*_warped.nii.gz"))).get_fdata()[..., 0]
     m, f = (nib.load(p).get_fdata()[..., 0] for p in (moving, fixed))
     assert lncc(warped, f) > lncc(m, f) + 0.02  # the network alone, trained on synthetic pairs only

@@ -74,10 +74,7 @@ def _save(array: torch.Tensor, path: Path, dtype) -> None:
 
 
 def make_demo(
-    directory: Union[str, Path],
-    num_subjects: int = 12,
-    shape: Sequence[int] = DEMO_SHAPE,
-    seed: int = 0,
+    directory: Union[str, Path], num_subjects: int = 12, shape: Sequence[int] = DEMO_SHAPE, seed: int = 0
 ) -> Path:
     """Write the synthetic dataset: ``OASIS_OAS1_0001_MR1/`` ... with ``aligned_norm``, ``aligned_orig``,
     ``aligned_seg4``, ``slice_norm`` and ``slice_seg4`` (``.nii.gz``; slices at the middle of the last axis),

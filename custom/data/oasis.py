@@ -37,10 +37,7 @@ def resolve_label(folders: Sequence[Path], label: Optional[str], image: str) -> 
 
 
 def find_subjects(
-    root: Union[str, Path],
-    image: str = "aligned_norm",
-    label: Optional[str] = "auto",
-    extra_images: Sequence[str] = (),
+    root: Union[str, Path], image: str = "aligned_norm", label: Optional[str] = "auto", extra_images: Sequence[str] = ()
 ) -> List[Dict[str, str]]:
     """List the subjects of a neurite-OASIS-style root.
 

@@ -34,11 +34,7 @@ logger = logging.getLogger(__name__)
 
 
 def make_pairs(
-    units: Sequence[dict],
-    strategy: str,
-    rng: random.Random,
-    offset: int = 1,
-    atlas: Optional[str] = None,
+    units: Sequence[dict], strategy: str, rng: random.Random, offset: int = 1, atlas: Optional[str] = None
 ) -> List[Pair]:
     """Allocate fixed and moving frames.
 
@@ -58,7 +54,9 @@ def make_pairs(
     if strategy not in PAIR_STRATEGIES:
         raise ValueError(f"pair_strategy must be one of {PAIR_STRATEGIES}, got {strategy!r}.")
     if strategy == "synthetic":
-        raise ValueError("pair_strategy 'synthetic' generates its pairs (custom.data.SyntheticPairs); it pairs no frames.")
+        raise ValueError(
+            "pair_strategy 'synthetic' generates its pairs (custom.data.SyntheticPairs); it pairs no frames."
+        )
     subjects = sorted({u["subject"] for u in units})
     at: Dict[Tuple[str, int], int] = {(u["subject"], u["index"]): i for i, u in enumerate(units)}
     by_index: Dict[int, List[int]] = defaultdict(list)

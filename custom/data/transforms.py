@@ -5,15 +5,16 @@ from typing import Dict, Hashable, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import (
-    Compose,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    LoadImaged,
-    MapTransform,
-)
+from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, MapTransform
 
-__all__ = ["CheckVolumed", "StackSlicesd", "ScaleForegroundd", "load_transforms", "foreground_slices", "scale_foreground"]
+__all__ = [
+    "CheckVolumed",
+    "StackSlicesd",
+    "ScaleForegroundd",
+    "load_transforms",
+    "foreground_slices",
+    "scale_foreground",
+]
 
 
 def scale_foreground(image: torch.Tensor, percentile: float = 99.0) -> torch.Tensor:
