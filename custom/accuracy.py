@@ -103,20 +103,26 @@ def pair_metrics(warped_label: torch.Tensor, fixed_label: torch.Tensor, det: tor
     }
 
 
+def _trained_model(models: Path) -> Path:
+    """The best model (best validation score), or the last state when no validation ran within the budget."""
+    best = models / "model.pt"
+    return best if best.is_file() else models / "model_final.pt"
+
+
 def _train(
     name: str, common: dict, out: Path, budget_minutes: float, network_def: Optional[dict] = None, reuse: bool = False
 ) -> Path:
     """Train with the bundle's ``train.json`` for ``budget_minutes`` of wall clock; the best model's path."""
-    if reuse and (out / name / "models" / "model.pt").is_file():
+    models = out / name / "models"
+    if reuse and _trained_model(models).is_file():
         print(f"reusing the {name} model of an earlier run", flush=True)
-        return out / name / "models" / "model.pt"
-    overrides = {**common, "output_dir": str(out / name / "train"), "ckpt_dir": str(out / name / "models")}
+        return _trained_model(models)
+    overrides = {**common, "output_dir": str(out / name / "train"), "ckpt_dir": str(models)}
     if network_def:
         overrides["network_def"] = network_def
     record = train_run(overrides, budget_minutes)
     print(f"trained {name}: {record['epochs']} epochs in {record['train_s']:.0f} s", flush=True)
-    best = out / name / "models" / "model.pt"  # best validation score; the last state when no validation ran
-    return best if best.is_file() else out / name / "models" / "model_final.pt"
+    return _trained_model(models)
 
 
 def _linked_root(folder: Path, root: Path, subjects: Sequence[str]) -> Path:

@@ -32,6 +32,9 @@ def _evaluation_options(args: dict) -> dict:
     return {renamed.get(k, k): v for k, v in args.items() if k not in skip}
 
 
+INFERRED = ("model_path", "spatial_dims")  # left to the inference config when not given
+
+
 class Commands:
     """Fast, reduced-parameter VoxelMorph registration (MONAI bundle tools)."""
 
@@ -42,12 +45,13 @@ class Commands:
         moving_label: Optional[str] = None,
         pairs: Optional[str] = None,
         model_path: Optional[str] = None,
-        spatial_dims: int = 2,
+        spatial_dims: Optional[int] = None,
         variant: str = "both",
         integration_steps: int = 0,
         output_dir: str = "runs/inference",
         ddf_format: str = "itk",
         jacobian: bool = False,
+        overwrite: bool = False,
         resample: bool = False,
         loss: str = "lncc",
         refine_steps: Union[int, Sequence[int], None] = None,
@@ -64,13 +68,14 @@ class Commands:
             moving_label: optional label map of the moving image (warped by nearest neighbour).
             pairs: instead of moving/fixed, a CSV with columns moving,fixed[,moving_label].
             model_path: the trained weights; default the shipped pretrained model of spatial_dims and variant.
-            spatial_dims: 2 or 3, as the model was trained.
+            spatial_dims: 2 or 3, as the model was trained; default from the inputs (2 for single slices).
             variant: the model's variant.
             integration_steps: the model's integration steps.
             output_dir: where <moving>__to__<fixed>_warped / _ddf / _warped_label .nii.gz and pairs_out.csv go.
             ddf_format: itk (a displacement field ITK/ANTs/Slicer apply: LPS mm, intent vector; .mha for single
                 slices) or voxel.
             jacobian: also write <name>_jacobian.nii.gz, the field's Jacobian determinant (<= 0 where it folds).
+            overwrite: replace the outputs of an earlier run of the same pairs in output_dir (refused otherwise).
             resample: resample moving images (and labels) onto the fixed grid when their geometry differs.
             loss: the training similarity (lncc or mse), used by the refinement.
             refine_steps: test-time refinement steps per pair at most, one number for every level or one per level
@@ -81,7 +86,7 @@ class Commands:
                 [4,2,1] in 3D.
             max_memory_gb: refuse pairs whose estimated peak memory exceeds this (default: the memory available).
         """
-        options = {k: v for k, v in locals().items() if k != "self" and not (k == "model_path" and v is None)}
+        options = {k: v for k, v in locals().items() if k != "self" and not (k in INFERRED and v is None)}
         run_workflow(["inference.json"], "run", {**options, "bundle_root": str(bundle_dir())})
         return output_dir
 
@@ -313,5 +318,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
-        print("error: interrupted; the outputs of unfinished pairs or epochs were not written", file=sys.stderr)
+        print("\nerror: interrupted; the outputs of unfinished pairs or epochs were not written", file=sys.stderr)
         raise SystemExit(130) from None

@@ -25,7 +25,8 @@ from ignite.engine import Engine, Events
 from custom.data.oasis import IMAGE_FILES
 from custom.data.transforms import ScaleForegroundd
 from custom.interop import DDF_FORMATS, check_itk_affine, field_suffix, write_field
-from custom.io import atomic_path, atomic_write_text
+from custom.io import atomic_write_text
+from custom.losses import LocalNCCLoss
 from custom.metrics import jacobian_determinant
 from custom.networks import check_spatial_dims
 from custom.warp import SpatialTransformer
@@ -104,7 +105,7 @@ def list_pairs(
         table = Path(pairs)
         if not table.is_file():
             raise FileNotFoundError(f"pairs CSV {pairs!r} does not exist.")
-        with table.open(newline="") as f:
+        with table.open(newline="", encoding="utf-8-sig") as f:  # a byte-order mark is not part of the header
             rows = list(csv.DictReader(f))
         if not rows or not {"moving", "fixed"} <= set(rows[0]):
             raise ValueError(f"pairs CSV {pairs!r} needs a header with columns moving,fixed[,moving_label].")
@@ -136,15 +137,41 @@ def list_pairs(
     return out
 
 
+def _dims(shape) -> int:
+    """2 for a single slice (at most two axes longer than 1), else the number of axes."""
+    shape = list(shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape.pop()
+    return len(shape)
+
+
+def infer_spatial_dims(
+    moving: Optional[str] = None,
+    fixed: Optional[str] = None,
+    pairs: Optional[str] = None,
+    dataset_dir: Union[str, Path] = ".",
+) -> int:
+    """2 when the (first) fixed image is a single slice, 3 when it is a volume; 2 when there is no readable input
+    yet (the errors about missing inputs come from :func:`list_pairs`)."""
+    try:
+        first = list_pairs(moving, fixed, None, pairs, dataset_dir)[0]["fixed"]
+        return 3 if _dims(nib.load(first).shape) >= 3 else 2
+    except Exception:
+        return 2
+
+
 def _spatial(shape, spatial_dims: int, path: str, key: str) -> List[int]:
     """The model-space shape of a file's array: trailing singleton axes dropped down to ``spatial_dims``."""
     shape = list(shape)
     while len(shape) > spatial_dims and shape[-1] == 1:
         shape.pop()
-    if len(shape) != spatial_dims:
+    if len(shape) > 3:
+        raise ValueError(f"{key} {path!r} has shape {shape}: a {len(shape)}-D image; give one 2D or 3D image per file.")
+    if len(shape) != spatial_dims or (spatial_dims == 3 and 1 in shape):
+        dims = _dims(shape)
         raise ValueError(
-            f"{key} {path!r} has shape {list(shape)}, but the model registers {spatial_dims}-D images "
-            f"(set spatial_dims to {len(shape)} with a matching checkpoint, or give {spatial_dims}-D images)."
+            f"{key} {path!r} has shape {list(shape)}, a {dims}-D image, but the model registers {spatial_dims}-D "
+            f"images (set spatial_dims to {dims} with a matching checkpoint, or give {spatial_dims}-D images)."
         )
     return shape
 
@@ -154,6 +181,13 @@ def _read(path: str, key: str) -> nib.Nifti1Image:
         return nib.load(path)
     except Exception as error:
         raise ValueError(f"cannot read {key} {path!r} as NIfTI: {error}") from None
+
+
+def _data(image: nib.Nifti1Image, path: str, key: str, dtype=np.float32) -> np.ndarray:
+    try:
+        return np.asarray(image.dataobj, dtype=dtype)
+    except Exception as error:  # a truncated .nii.gz (EOFError), a corrupt stream (zlib.error), a short file
+        raise ValueError(f"cannot read the data of {key} {path!r} (truncated or corrupt file?): {error!r}") from None
 
 
 def _same_geometry(a: np.ndarray, b: np.ndarray) -> bool:
@@ -215,8 +249,13 @@ class RegistrationPairs(torch.utils.data.Dataset):
         """
         for item in self.pairs:
             images = {key: _read(path, key) for key, path in item.items()}
-            shapes = {key: _spatial(img.shape, self.spatial_dims, item[key], key) for key, img in images.items()}
             fixed = images["fixed"]
+            if self.resample and _dims(images["moving"].shape) != _dims(fixed.shape):
+                raise ValueError(
+                    f"--resample True would put the {_dims(images['moving'].shape)}-D moving {item['moving']!r} onto "
+                    f"the {_dims(fixed.shape)}-D grid of fixed {item['fixed']!r}; give images of one dimensionality."
+                )
+            shapes = {key: _spatial(img.shape, self.spatial_dims, item[key], key) for key, img in images.items()}
             self._check_memory(shapes["fixed"], item["fixed"])
             if self.itk_geometry:
                 check_itk_affine(fixed.affine, f"fixed {item['fixed']!r}")
@@ -234,9 +273,22 @@ class RegistrationPairs(torch.utils.data.Dataset):
                     f"moving_label {item['moving_label']!r} and moving {item['moving']!r} have different affines; "
                     "a label map must share its image's grid."
                 )
-            for key in ("moving", "fixed"):
-                if not np.isfinite(np.asarray(images[key].dataobj, dtype=np.float32)).all():
-                    raise ValueError(f"{key} {item[key]!r} contains NaN or infinite intensities.")
+            for key in images:
+                self._check_values(_data(images[key], item[key], key), item[key], key)
+
+    @staticmethod
+    def _check_values(data: np.ndarray, path: str, key: str) -> None:
+        if not np.isfinite(data).all():
+            raise ValueError(f"{key} {path!r} contains NaN or infinite values.")
+        if key == "moving_label":
+            fractional = data[data != np.round(data)]
+            if fractional.size:
+                raise ValueError(
+                    f"moving_label {path!r} has non-integer values (e.g. {fractional.flat[0]:g}): a label map holds "
+                    "integer label ids; round or convert it yourself if it is one."
+                )
+        elif data.min() == data.max():
+            raise ValueError(f"{key} {path!r} is constant (every voxel {data.flat[0]:g}): nothing to register.")
 
     def _check_memory(self, shape: List[int], path: str) -> None:
         need = estimate_memory_gib(shape)
@@ -296,24 +348,33 @@ class RegistrationPairs(torch.utils.data.Dataset):
 
 class RegistrationWriter:
     """Evaluator handler writing the warped image, the field and the warped label of each pair, and
-    ``pairs_out.csv`` at the end (see the module docstring).
+    ``pairs_out.csv`` at the end (see the module docstring); prints each pair's files and its LNCC (window 9, on the
+    normalised images) before and after registration.
+
+    A pair's files are written to temporary names and renamed together once all are written, so an interrupted run
+    leaves complete pairs only. :meth:`validate` (called by :func:`custom.runner.run_or_exit` before any work)
+    checks that the folder is writable and holds none of this run's outputs unless ``overwrite``.
 
     Args:
         output_dir: output folder (created).
         ddf_format: ``"itk"`` (ITK/ANTs/Slicer displacement field, LPS mm, see :mod:`custom.interop`) or
             ``"voxel"`` (our own ``(*S, spatial_dims)`` voxel layout).
         jacobian: also write ``<name>_jacobian.nii.gz``, the field's Jacobian determinant (``<= 0`` where it folds).
+        overwrite: replace outputs of an earlier run of the same pairs in ``output_dir``.
 
     Raises:
         ValueError: for an unknown ``ddf_format``.
     """
 
-    def __init__(self, output_dir: Union[str, Path], ddf_format: str = "itk", jacobian: bool = False) -> None:
+    def __init__(
+        self, output_dir: Union[str, Path], ddf_format: str = "itk", jacobian: bool = False, overwrite: bool = False
+    ) -> None:
         if ddf_format not in DDF_FORMATS:
             raise ValueError(f"ddf_format must be one of {DDF_FORMATS}, got {ddf_format!r}.")
         self.output_dir = Path(output_dir)
         self.ddf_format = ddf_format
         self.jacobian = bool(jacobian)
+        self.overwrite = bool(overwrite)
         self.warp = SpatialTransformer("bilinear")
         self.warp_labels = SpatialTransformer("nearest")
         self.written: List[str] = []
@@ -325,48 +386,93 @@ class RegistrationWriter:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
         engine.add_event_handler(Events.COMPLETED, self._write_table)
 
-    def _record(self, path: Path) -> str:
-        self.written.append(str(path))
-        return path.name
+    def _outputs(self, name: str, spatial_dims: int, label: bool) -> Dict[str, Path]:
+        suffixes = {"warped": "_warped.nii.gz", "ddf": f"_ddf{field_suffix(spatial_dims, self.ddf_format)}"}
+        suffixes.update({"warped_label": "_warped_label.nii.gz"} if label else {})
+        suffixes.update({"jacobian": "_jacobian.nii.gz"} if self.jacobian else {})
+        return {key: self.output_dir / f"{name}{suffix}" for key, suffix in suffixes.items()}
 
-    def _save(self, image: nib.Nifti1Image, path: Path) -> str:
-        with atomic_path(path, suffix=".nii.gz") as tmp:
-            nib.save(image, str(tmp))
-        return self._record(path)
+    def validate(self, dataset: "RegistrationPairs") -> None:
+        """Before any work: the output folder can be written, and holds none of the outputs of ``dataset``'s pairs
+        (nor ``pairs_out.csv``) unless ``overwrite``.
+
+        Raises:
+            ValueError: for a folder that cannot be created or written.
+            FileExistsError: for outputs of an earlier run.
+        """
+        folder = next((p for p in [self.output_dir, *self.output_dir.parents] if p.exists()), Path("."))
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(
+                f"cannot write to the output folder {str(self.output_dir)!r}: {str(folder)!r} is not a writable "
+                "folder."
+            )
+        if self.overwrite:
+            return
+        paths = [self.output_dir / "pairs_out.csv"]
+        for item, name in zip(dataset.pairs, dataset.names):
+            paths += self._outputs(name, dataset.spatial_dims, "moving_label" in item).values()
+        existing = [p.name for p in paths if p.exists()]
+        if existing:
+            raise FileExistsError(
+                f"{str(self.output_dir)!r} already holds outputs of these pairs ({', '.join(existing[:3])}"
+                f"{', ...' if len(existing) > 3 else ''}); pass --overwrite True to replace them, or give another "
+                "--output_dir."
+            )
 
     def _image(self, array: torch.Tensor, reference: nib.Nifti1Image, dtype) -> nib.Nifti1Image:
         header = reference.header.copy()
         header.set_data_dtype(dtype)
         return nib.Nifti1Image(array.numpy().astype(dtype).reshape(reference.shape), reference.affine, header)
 
+    def _write_pair(self, item: dict, ddf: torch.Tensor) -> Dict[str, str]:
+        """Write one pair's files under temporary names, then rename them all; returns its ``pairs_out.csv`` row."""
+        fixed = nib.load(item["fixed_path"])
+        paths = self._outputs(item["name"], ddf.shape[1], "moving_label" in item)
+        with torch.no_grad():
+            images = {"warped": self._image(self.warp(item["moving_raw"][None].float(), ddf)[0, 0], fixed, np.float32)}
+            if "moving_label" in item:
+                label = self.warp_labels(torch.as_tensor(item["moving_label"])[None], ddf)[0, 0]
+                images["warped_label"] = self._image(label, fixed, np.int32)
+            if self.jacobian:
+                images["jacobian"] = self._image(jacobian_determinant(ddf)[0], fixed, np.float32)
+        staged = {}
+        try:
+            for key, path in paths.items():
+                suffix = ".mha" if path.name.endswith(".mha") else ".nii.gz"
+                staged[key] = self.output_dir / f".{path.name}.{os.getpid()}.part{suffix}"
+                if key == "ddf":
+                    write_field(ddf[0], fixed, staged[key], self.ddf_format)
+                else:
+                    nib.save(images[key], str(staged[key]))
+            for key, path in paths.items():
+                os.replace(staged[key], path)
+        finally:
+            for tmp in staged.values():
+                if tmp.exists():
+                    tmp.unlink()
+        self.written += [str(p) for p in paths.values()]
+        row = {"moving": item["moving_path"], "fixed": item["fixed_path"], "moving_label": item["label_path"]}
+        return {
+            **row,
+            **{key: paths[key].name if key in paths else "" for key in ("warped", "ddf", "warped_label")},
+            **({"jacobian": paths["jacobian"].name} if self.jacobian else {}),
+        }
+
+    @staticmethod
+    def _lncc(moving: torch.Tensor, fixed: torch.Tensor) -> float:
+        return -float(LocalNCCLoss(fixed.dim() - 2)(moving, fixed))
+
     def __call__(self, engine: Engine) -> None:
         items, outputs = decollated(engine)
         for item, output in zip(items, outputs):
             ddf = torch.as_tensor(output["pred"]).float()[None].cpu()
-            fixed = nib.load(item["fixed_path"])
-            name = item["name"]
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            row = self._write_pair(item, ddf)
+            moving, fixed = (torch.as_tensor(item[k])[None].float().cpu() for k in ("moving", "fixed"))
             with torch.no_grad():
-                warped = self.warp(torch.as_tensor(item["moving_raw"])[None].float(), ddf)[0, 0]
-                warped_label = None
-                if "moving_label" in item:
-                    warped_label = self.warp_labels(torch.as_tensor(item["moving_label"])[None], ddf)[0, 0]
-            field_path = self.output_dir / f"{name}_ddf{field_suffix(ddf.shape[1], self.ddf_format)}"
-            row = {
-                "moving": item["moving_path"],
-                "fixed": item["fixed_path"],
-                "moving_label": item["label_path"],
-                "warped": self._save(self._image(warped, fixed, np.float32), self.output_dir / f"{name}_warped.nii.gz"),
-                "ddf": self._record(write_field(ddf[0], fixed, field_path, self.ddf_format)),
-                "warped_label": "",
-            }
-            if warped_label is not None:
-                path = self.output_dir / f"{name}_warped_label.nii.gz"
-                row["warped_label"] = self._save(self._image(warped_label, fixed, np.int32), path)
-            if self.jacobian:
-                det = jacobian_determinant(ddf)[0]
-                row["jacobian"] = self._save(
-                    self._image(det, fixed, np.float32), self.output_dir / f"{name}_jacobian.nii.gz"
-                )
+                before, after = self._lncc(moving, fixed), self._lncc(self.warp(moving, ddf), fixed)
+            files = ", ".join(row[k] for k in ("warped", "ddf", "warped_label", "jacobian") if row.get(k))
+            print(f"{item['name']}: LNCC {before:.3f} -> {after:.3f}; wrote {files} in {self.output_dir}", flush=True)
             self.rows.append(row)
 
     def _write_table(self, engine: Engine) -> None:

@@ -61,8 +61,10 @@ def pretrained_path(bundle_root: PathLike, spatial_dims: int, variant: str = "bo
     path = Path(bundle_root) / relative
     if entry is None or not path.is_file():
         shipped = [e.get("path") for e in read_manifest(bundle_root)]
+        where = str(Path(bundle_root).resolve())
+        hint = "" if shipped else " (no large_files.yml there: run from the repository root or pass --bundle_root)"
         raise FileNotFoundError(
-            f"no pretrained {spatial_dims}D {variant!r} model in {str(Path(bundle_root))!r} (shipped: {shipped}); "
+            f"no pretrained {spatial_dims}D {variant!r} model in the bundle root {where!r}{hint}; shipped: {shipped}; "
             "pass --model_path with your own weights."
         )
     actual = sha256(path)

@@ -6,17 +6,57 @@ one, ``train_run`` trains one run under a wall-clock or step budget (the study, 
 first and user errors reported as one line.
 """
 
+import ast
+import difflib
+import json
+import logging
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
+import torch
+import yaml
 from ignite.engine import Engine, Events
 from ignite.handlers import TimeLimit
 
 from custom.errors import exit_on_user_error
 from custom.workflow import iteration_loss
 
-__all__ = ["as_list", "bundle_dir", "bundle_workflow", "run_or_exit", "run_workflow", "train_run"]
+__all__ = [
+    "as_list",
+    "bundle_dir",
+    "bundle_workflow",
+    "check_bundle_arguments",
+    "check_checkpoint",
+    "run_or_exit",
+    "run_workflow",
+    "train_run",
+]
+
+MONAI_RUN_ARGS = (
+    "run_id",
+    "init_id",
+    "final_id",
+    "meta_file",
+    "config_file",
+    "logging_file",
+    "tracking",
+    "args_file",
+    "workflow_type",
+    "workflow_name",
+    "properties_path",
+)
+"""The options of ``python -m monai.bundle run`` itself; every other ``--key`` overrides a config key."""
+
+
+class _WithoutLoggingNotice(logging.Filter):
+    """Drops MONAI's "Logging file is set to False, skipping logging." that every tool's workflow would print."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "skipping logging" not in record.getMessage()
+
+
+logging.getLogger("monai.bundle.workflows").addFilter(_WithoutLoggingNotice())
 
 
 def bundle_dir() -> Path:
@@ -86,17 +126,96 @@ def run_workflow(configs: Sequence[str], run_id: str, overrides: dict) -> None:
     workflow.finalize()
 
 
-def run_or_exit(evaluator: Union[Engine, Callable[[], Engine]]) -> None:
-    """Build (when given a factory) and run an evaluator, after validating its inferer's options and its
-    dataset's inputs; a user error becomes one line on stderr and exit code 2.
+def check_checkpoint(path: Union[str, Path]) -> None:
+    """Refuse a model file that is missing or is not a state dict ``torch.load(..., weights_only=True)`` can read.
+
+    Raises:
+        FileNotFoundError: for a missing file.
+        ValueError: for a corrupt, truncated or foreign file (a pickle of arbitrary objects is never loaded).
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model file {str(path)!r} does not exist; train first or pass --model_path.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(
+            f"model file {str(path)!r} is not a weights-only PyTorch checkpoint ({type(error).__name__}): it is "
+            "corrupt or truncated, or holds Python objects other than tensors, which are never loaded."
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"model file {str(path)!r} holds a {type(state).__name__}, not a state dict.")
+
+
+def run_or_exit(
+    evaluator: Union[Engine, Callable[[], Engine]], handlers: Sequence = (), checkpoint: Optional[str] = None
+) -> None:
+    """Build (when given a factory) and run an evaluator, after checking the checkpoint and validating its
+    inferer's options, its dataset's inputs and its handlers' outputs; a user error becomes one line on stderr
+    and exit code 2.
 
     Nothing is written before every part has passed its ``validate``. The inference config passes a factory
     (``"_mode_": "callable"``) so that the pair listing, which the evaluator's constructor triggers, is inside
     this guard too.
+
+    Args:
+        evaluator: the engine, or a factory of it.
+        handlers: its handlers; those with ``validate(dataset)`` check their outputs (e.g. the output folder).
+        checkpoint: the model file the evaluator loads, checked first (:func:`check_checkpoint`).
     """
     with exit_on_user_error():
+        if checkpoint is not None:
+            check_checkpoint(checkpoint)
         engine = evaluator if isinstance(evaluator, Engine) else evaluator()
-        for part in (getattr(engine, "inferer", None), engine.data_loader.dataset):
+        dataset = engine.data_loader.dataset
+        for part in (getattr(engine, "inferer", None), dataset):
             if hasattr(part, "validate"):
                 part.validate()
+        for handler in handlers or ():
+            if hasattr(handler, "validate"):
+                handler.validate(dataset)
         engine.run()
+
+
+def _options(argv: Sequence[str]) -> Dict[str, str]:
+    """The ``--key value`` / ``--key=value`` pairs of a command line."""
+    options, args = {}, list(argv)
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            key, has_value, value = arg[2:].partition("=")
+            options[key] = value if has_value else (args[i + 1] if i + 1 < len(args) else "")
+    return options
+
+
+def _config_keys(path: str) -> set:
+    text = Path(path).read_text()
+    config = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    return {key.lstrip("+").split("#")[0] for key in (config or {})}
+
+
+def check_bundle_arguments(argv: Sequence[str]) -> None:
+    """Check the ``--key`` options of a ``python -m monai.bundle run ...`` command line before any work: MONAI
+    accepts any key as an override and silently adds a mistyped one as a new, unused key.
+
+    Args:
+        argv: the arguments after the program name.
+
+    Raises:
+        ValueError: for a key that is neither an option of ``run`` nor a key (or the first part of a ``#`` path) of
+            the merged config files, naming the closest valid key.
+    """
+    options = _options(argv)
+    files = options.get("config_file", "").strip()
+    if not files:
+        return
+    paths = ast.literal_eval(files) if files.startswith("[") else [files]
+    valid = set(MONAI_RUN_ARGS)
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"config file {path!r} does not exist.")
+        valid |= _config_keys(path)
+    for key in options:
+        root = key.split("#")[0]
+        if root not in valid:
+            match = difflib.get_close_matches(root, sorted(valid), n=1, cutoff=0.5)
+            hint = f"; did you mean --{match[0]}?" if match else "; see the config files for the valid keys."
+            raise ValueError(f"unknown option --{key}: not a key of {', '.join(paths)}{hint}")

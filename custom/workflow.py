@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
 import time
 from datetime import datetime
@@ -35,6 +36,7 @@ from custom.warp import SpatialTransformer
 __all__ = [
     "AtomicCheckpointSaver",
     "EpochSummary",
+    "check_training_options",
     "enable_resume",
     "iteration_loss",
     "PairMetricsWriter",
@@ -215,6 +217,22 @@ class AtomicCheckpointSaver:
 RUN_FILE = "run.json"
 
 
+def check_training_options(epochs, batch_size, learning_rate, val_interval) -> None:
+    """The training config's first step: refuse numbers that cannot train before anything is built or written (so a
+    mistaken ``--epochs 0`` cannot replace the run a later ``--resume True`` continues).
+
+    Raises:
+        ValueError: unless ``epochs``, ``batch_size`` and ``val_interval`` are integers >= 1 and ``learning_rate`` a
+            finite number > 0.
+    """
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("val_interval", val_interval)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    number = isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool)
+    if not number or not math.isfinite(learning_rate) or learning_rate <= 0:
+        raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate!r}.")
+
+
 def enable_resume(
     trainer, checkpoint_dir: str, resume: bool = False, best: Optional[AtomicCheckpointSaver] = None
 ) -> Optional[str]:
@@ -250,6 +268,16 @@ def enable_resume(
     # on every rank (Ignite's Checkpoint takes part in collectives); its DiskSaver writes on rank 0 only
     AtomicCheckpointSaver(checkpoint_dir, state, "EPOCH_COMPLETED", prefix=run_id).attach(trainer)
     path = latest_checkpoint(folder) if resume else None
+    if resume and _rank() == 0:
+        done = re.search(r"checkpoint_(\d+)\.pt$", path or "")
+        print(
+            (
+                f"resuming run {run_id} after epoch {done.group(1)} ({path})"
+                if done
+                else f"nothing to resume in {str(folder)!r}: starting run {run_id} at epoch 1"
+            ),
+            flush=True,
+        )
     if path:
         stored = set(torch.load(path, map_location="cpu", weights_only=True))
         CheckpointLoader(

@@ -198,6 +198,13 @@ def infer_ws(tmp_path_factory):
     for name in ("shear_moving", "shear_fixed"):
         nib.save(nib.Nifti1Image(data, shear), str(ws / f"{name}.nii.gz"))
     (ws / "junk.nii.gz").write_text("not an image")
+    nib.save(nib.Nifti1Image(np.zeros_like(data), affine), str(ws / "zero.nii.gz"))
+    nib.save(nib.Nifti1Image(data * 3.3, affine), str(ws / "float_label.nii.gz"))
+    nib.save(nib.Nifti1Image(np.stack([data, data], -1), affine), str(ws / "four_d.nii.gz"))
+    volume = (ws / S2 / "aligned_norm.nii.gz").read_bytes()
+    (ws / "truncated.nii.gz").write_bytes(volume[: len(volume) // 2])
+    (ws / "corrupt.pt").write_bytes((ws / "both.pt").read_bytes()[:500])
+    (ws / "afile").write_text("a file, not a folder")
     good = f"{S2}/slice_norm.nii.gz,{S1}/slice_norm.nii.gz"
     (ws / "pairs_nan.csv").write_text(f"moving,fixed\n{good}\nnan.nii.gz,{S1}/slice_norm.nii.gz\n")
     (ws / "pairs_empty.csv").write_text(f"moving,fixed\n{good}\n{S2}/slice_norm.nii.gz, \n")
@@ -219,8 +226,8 @@ BAD_INPUTS = [
     ),  # missing file
     (
         "inference",
-        ["--moving", f"{S2}/aligned_norm.nii.gz", "--fixed", f"{S1}/aligned_norm.nii.gz"],
-        r"has shape \[24, 28, 20\], but the model registers 2-D images",
+        ["--moving", f"{S2}/aligned_norm.nii.gz", "--fixed", f"{S1}/aligned_norm.nii.gz", "--spatial_dims", "2"],
+        r"has shape \[24, 28, 20\], a 3-D image, but the model registers 2-D images",
     ),  # 3D for a 2D model
     (
         "inference",
@@ -309,6 +316,32 @@ BAD_INPUTS = [
         "is not on the grid of fixed",
     ),  # CLI
     ("register", ["--pairs", "pairs_nan.csv"], "contains NaN"),  # CLI, second pair
+    ("inference", PAIR + ["--refine_step", "0"], "unknown option --refine_step: .*did you mean --refine_steps"),  # typo
+    ("register", PAIR + ["--refine_step", "0"], "unknown option --refine_step; did you mean '--refine_steps'"),  # typo
+    ("train", ["--epoch", "2"], "did you mean --epochs"),  # a typo through monai.bundle is not a new key
+    ("train", ["--epochs", "0"], "epochs must be an integer >= 1, got 0"),  # nothing replaced before a resume
+    ("train", ["--learning_rate", "nan"], "learning_rate must be a finite number > 0"),  # not a number
+    ("inference", ["--moving", "zero.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"], "is constant"),  # blank image
+    ("inference", PAIR + ["--moving_label", "float_label.nii.gz"], "has non-integer values"),  # not a label map
+    (
+        "inference",
+        ["--moving", "four_d.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"],
+        "a 4-D image; give one 2D or 3D image per file",
+    ),  # 4-D image
+    (
+        "inference",
+        ["--moving", "truncated.nii.gz", "--fixed", f"{S1}/aligned_norm.nii.gz"],
+        "cannot read the data of moving .*truncated or corrupt",
+    ),  # truncated .nii.gz
+    ("inference", PAIR + ["--model_path", "corrupt.pt"], "is not a weights-only PyTorch checkpoint"),  # corrupt .pt
+    ("inference", PAIR + ["--refine_lr", "1e999"], "refine_lr must be a finite number > 0"),  # overflows to inf
+    (
+        "inference",
+        ["--moving", f"{S2}/aligned_norm.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz", "--resample", "True"],
+        "would put the 3-D moving .* onto the 2-D grid",
+    ),  # resampling that changes dimensionality
+    ("inference", PAIR + ["--output_dir", "afile/out"], "'afile' is not a writable folder"),  # unwritable output
+    ("register", PAIR + ["--output_dir", "afile/out"], "'afile' is not a writable folder"),  # unwritable output
 ]
 
 
@@ -316,11 +349,14 @@ BAD_INPUTS = [
 def test_bad_inputs_one_error_line_nothing_written(infer_ws, entry, args, message):
     out = infer_ws / f"bad_{entry}"
     model = ["--model_path", "both.pt"] if "--model_path" not in args else []
+    output = ["--output_dir", str(out)] if "--output_dir" not in args else []
+    epochs = ["--epochs", "1"] if "--epochs" not in args else []
+    before = {p: p.stat().st_mtime_ns for p in infer_ws.rglob("*") if p.is_file()}
     cmd = {
-        "inference": INFERENCE + model + ["--output_dir", str(out)],
-        "register": REGISTER + model + ["--output_dir", str(out)],
+        "inference": INFERENCE + model + output,
+        "register": REGISTER + model + output,
         "evaluate": EVALUATE + model + ["--eval_dir", str(out), "--num_val", "0", "--num_test", "0"],
-        "train": TRAIN + ["--output_dir", str(out), "--ckpt_dir", str(out / "models"), "--epochs", "1"],
+        "train": TRAIN + ["--output_dir", str(out), "--ckpt_dir", str(out / "models")] + epochs,
     }[entry] + args
     proc = run(cmd, cwd=infer_ws, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -328,6 +364,45 @@ def test_bad_inputs_one_error_line_nothing_written(infer_ws, entry, args, messag
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and re.search(message, last), last
     assert not out.exists()
+    assert {p: p.stat().st_mtime_ns for p in infer_ws.rglob("*") if p.is_file()} == before  # nothing changed
+
+
+def test_rerun_refuses_overwrite_replaces_and_interrupt_leaves_complete_pairs(infer_ws, tmp_path):
+    """A rerun into a folder holding its outputs is refused unless --overwrite True; 3D inputs need no
+    --spatial_dims; a CSV with a byte-order mark is read; Ctrl-C exits 130 with one line and no partial files."""
+    out = tmp_path / "out"
+    (infer_ws / "bom.csv").write_text(f"moving,fixed\n{S2}/slice_norm.nii.gz,{S1}/slice_norm.nii.gz\n", "utf-8-sig")
+    cmd = INFERENCE + ["--model_path", "both.pt", "--pairs", "bom.csv", "--output_dir", str(out), "--refine_steps", "0"]
+    first = run(cmd, cwd=infer_ws)
+    assert "LNCC" in first.stdout and "_ddf.mha" in first.stdout  # the files written and the similarity
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = run(cmd, cwd=infer_ws, check=False)
+    assert again.returncode == 2 and "already holds outputs of these pairs" in again.stderr.strip().splitlines()[-1]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    run(cmd + ["--overwrite", "True"], cwd=infer_ws)
+    assert all(p.stat().st_mtime_ns > stamps[p.name] for p in out.iterdir())
+    torch.save(RegistrationNet(3, "both").state_dict(), tmp_path / "both3d.pt")
+    volumes = ["--moving", f"{S2}/aligned_norm.nii.gz", "--fixed", f"{S1}/aligned_norm.nii.gz"]
+    slow = INFERENCE + volumes + ["--model_path", str(tmp_path / "both3d.pt"), "--output_dir", str(tmp_path / "cut")]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        slow + ["--refine_steps", "100000", "--refine_tolerance", "0"], cwd=infer_ws, stderr=subprocess.PIPE, env=env
+    )
+    seen = b""
+    while b"refine" not in seen and proc.poll() is None:  # interrupt during the work, not during start-up
+        seen += os.read(proc.stderr.fileno(), 4096)
+    proc.send_signal(signal.SIGINT)
+    stderr = (seen + proc.stderr.read()).decode()
+    assert proc.wait(timeout=60) == 130 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: interrupted")
+    assert not (tmp_path / "cut").exists() or not any((tmp_path / "cut").iterdir())
+
+
+def test_inference_elsewhere_names_the_bundle_root(tmp_path):
+    proc = run(INFERENCE[:-1] + [str(REPO / "bundle/configs/inference.json")] + PAIR, cwd=tmp_path, check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and f"in the bundle root {str(tmp_path / 'bundle')!r}" in last
+    assert "run from the repository root or pass --bundle_root" in last
 
 
 def test_resume_after_sigkill(tmp_path):
@@ -349,7 +424,7 @@ def test_resume_after_sigkill(tmp_path):
     proc = subprocess.Popen(cmd, cwd=ws, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     ckpt_dir = ws / "runs" / "train" / "checkpoints"
     deadline = time.time() + 300
-    while time.time() < deadline and not (ckpt_dir.is_dir() and list(ckpt_dir.glob("checkpoint_[2-9]*.pt"))):
+    while time.time() < deadline and not (ckpt_dir.is_dir() and list(ckpt_dir.glob("*checkpoint_[2-9]*.pt"))):
         time.sleep(0.2)
     time.sleep(0.3)  # kill somewhere in the middle of a later epoch (or of a checkpoint write)
     proc.send_signal(signal.SIGKILL)
@@ -362,6 +437,7 @@ def test_resume_after_sigkill(tmp_path):
     assert done >= 2
     resumed = run(cmd[:-4] + ["--epochs", str(done + 1), "--resume", "True"], cwd=ws)
     log = resumed.stdout + resumed.stderr
+    assert f"after epoch {done} (" in log and Path(latest).name in log and "resuming run" in log  # what it continues
     assert f"Epoch[{done + 1}] Complete" in log and "Epoch[1] Complete" not in log
     final = torch.load(latest_checkpoint(ckpt_dir), weights_only=True)["trainer"]
     assert final["iteration"] // final["epoch_length"] == done + 1
