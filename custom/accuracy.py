@@ -13,9 +13,7 @@ Pairs: in 2D, slice ``z + offset`` (moving) to slice ``z`` (fixed) of each test 
 
 import importlib.util
 import json
-import math
 import os
-import statistics
 import time
 from functools import partial
 from pathlib import Path
@@ -26,16 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from custom.atomic import atomic_write_text
 from custom.data.demo import ensure_dataset
 from custom.data.frames import SubjectFrames
 from custom.data.oasis import find_subjects
 from custom.data.pairs import PairDataset
-from custom.io import atomic_write_text
-from custom.metrics import folding_stats, jacobian_determinant, label_scores
-from custom.networks import RegistrationNet, check_spatial_dims
+from custom.metrics import folding_stats, format_mean, jacobian_determinant, label_scores, summarize
+from custom.networks import RegistrationNet
 from custom.pretrained import pretrained_path
 from custom.refine import RefineOptions, RefiningInferer
 from custom.runner import as_list, bundle_dir, train_run
+from custom.spatial import check_spatial_dims
 from custom.warp import SpatialTransformer
 
 __all__ = [
@@ -179,19 +178,7 @@ def _network_method(net: nn.Module, inferer: RefiningInferer, device: torch.devi
 
 def aggregate(rows: List[dict]) -> Dict[str, dict]:
     """Mean, sd and count over pairs of every column of :data:`COLUMNS` present in ``rows``."""
-    out = {}
-    for key in COLUMNS:
-        values = [r[key] for r in rows if key in r and not math.isnan(r[key])]
-        if values:
-            out[key] = {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "n": len(values)}
-    return out
-
-
-def _cell(summary: dict, key: str, digits: int, sd: bool = False) -> str:
-    if key not in summary:
-        return "n/a"
-    entry = summary[key]
-    return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}" if sd else f"{entry['mean']:.{digits}f}"
+    return summarize(rows, COLUMNS)
 
 
 def to_markdown(results: Dict[str, dict], volumes: bool = False) -> str:
@@ -209,7 +196,7 @@ def to_markdown(results: Dict[str, dict], volumes: bool = False) -> str:
         cells += [("sdlogj", 3, False), ("seconds", 3, False)]
     lines = [head, "|---" + "|---:" * len(cells) + "|"]
     for name, s in results.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(s, key, digits, sd) for key, digits, sd in cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(format_mean(s, key, digits, sd) for key, digits, sd in cells) + " |")
     return "\n".join(lines)
 
 
@@ -409,7 +396,7 @@ def run_accuracy(
             rows.append({"moving": item["moving_id"], "fixed": item["fixed_id"], **row})
         per_pair[name] = rows
         results[name] = aggregate(rows)
-        print(f"{name}: Dice {_cell(results[name], 'dice', 3, sd=True)}", flush=True)
+        print(f"{name}: Dice {format_mean(results[name], 'dice', 3, sd=True)}", flush=True)
 
     table = to_markdown(results)
     trained = "models of an earlier run" if reuse_models else f"{budget_minutes:g} min each"

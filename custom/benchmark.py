@@ -1,6 +1,6 @@
 """Speed, size and memory of the four variants against MONAI's ``VoxelMorph``, measured in one run.
 
-``python -m custom.benchmark --spatial-dims 2`` prints a markdown table: parameters, multiply-adds per pair,
+``python -m custom benchmark --spatial_dims 2`` prints a markdown table: parameters, multiply-adds per pair,
 inference and full training step (network + warp + LNCC + smoothness + Adam) time per batch, peak memory,
 and each one's speed ratio to MONAI's ``VoxelMorph`` with the same channels (``integration_steps=0`` like our
 default; MONAI's out-of-the-box ``integration_steps=7`` is listed too). A second table times our
@@ -10,25 +10,23 @@ Every row runs in its own process. Peak memory is the tensor memory of one train
 :func:`peak_memory_mb`). Timings are medians.
 """
 
-import argparse
 import multiprocessing as mp
-import os
 import platform
 import statistics
 import time
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from custom.io import atomic_write_text
-from custom.networks import VARIANTS, check_spatial_dims
+from custom.atomic import atomic_write_text
+from custom.networks import VARIANTS
+from custom.spatial import check_spatial_dims
 
 __all__ = [
     "benchmark",
     "build_pair_model",
     "machine_description",
-    "main",
     "measure_model",
     "multiply_adds",
     "peak_memory_mb",
@@ -233,9 +231,11 @@ def benchmark(
     device: str = "cpu",
     threads: int = 2,
     repeats: Optional[int] = None,
-    variants: Sequence[str] = VARIANTS,
-) -> Dict[str, List[dict]]:
-    """Measure the variants and MONAI's VoxelMorph, each in a fresh process.
+    variants: Union[str, Sequence[str]] = VARIANTS,
+    output: Optional[str] = None,
+) -> str:
+    """Measure the variants and MONAI's VoxelMorph, each in a fresh process: the markdown table (also written to
+    ``output`` when given; the command line prints it).
 
     Args:
         spatial_dims: 2 or 3.
@@ -244,10 +244,11 @@ def benchmark(
         device: ``"cpu"`` or ``"cuda[:i]"``.
         threads: CPU threads per process.
         repeats: timed repetitions (median) after a warm-up; default 5 (2D) or 1 (3D).
-        variants: which of our variants to include.
+        variants: which of our variants to include (a list, or comma-separated).
+        output: also write the table to this file.
 
     Returns:
-        ``{"models": [...], "blocks": [...]}``, rows of measurements (seconds, MiB).
+        The tables of :func:`to_markdown`: ``{"models": [...], "blocks": [...]}`` rows (seconds, MiB) rendered.
     """
     spatial_dims = check_spatial_dims(spatial_dims)
     shape = tuple(shape or DEFAULT_SHAPES[spatial_dims])
@@ -255,12 +256,21 @@ def benchmark(
         raise ValueError(f"shape must have {spatial_dims} sizes for spatial_dims={spatial_dims}, got {list(shape)}.")
     batch = batch_size or DEFAULT_BATCH[spatial_dims]
     repeats = repeats or DEFAULT_REPEATS[spatial_dims]
+    variants = [v.strip() for v in variants.split(",") if v.strip()] if isinstance(variants, str) else list(variants)
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise ValueError(f"unknown variants {bad}: expected a subset of {list(VARIANTS)}.")
     models = [measure_model(n, spatial_dims, shape, batch, device, threads, repeats) for n in [*variants, *MONAI_ROWS]]
     blocks = _isolated(_measure_blocks, threads, spatial_dims, shape, batch, device, repeats)
-    return {"models": models, "blocks": blocks}
+    torch.set_num_threads(threads)
+    header = (
+        f"## {spatial_dims}D benchmark, {'x'.join(map(str, shape))}, batch {batch}, {device}\n\n"
+        f"Machine: {machine_description(device)}. Speed-ups are against {next(iter(MONAI_ROWS))}."
+    )
+    table = to_markdown({"models": models, "blocks": blocks}, header)
+    if output:
+        atomic_write_text(output, table)
+    return table
 
 
 def to_markdown(result: Dict[str, List[dict]], header: str) -> str:
@@ -283,43 +293,3 @@ def to_markdown(result: Dict[str, List[dict]], header: str) -> str:
     for b in result["blocks"]:
         lines.append(f"| {b['block']} | {b['ours_s']:.4f} | {b['monai_s']:.4f} | {b['monai_s'] / b['ours_s']:.2f}x |")
     return "\n".join(lines) + "\n"
-
-
-def main(argv: Optional[Sequence[str]] = None) -> str:
-    """Command-line entry: run :func:`benchmark`, print the table and optionally write it to a file."""
-    parser = argparse.ArgumentParser(prog="python -m custom.benchmark", description=__doc__.splitlines()[0])
-    parser.add_argument("--spatial-dims", type=int, default=2, choices=(2, 3))
-    parser.add_argument("--shape", type=int, nargs="+", default=None, help="spatial shape, e.g. 160 192")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=None, help="default 5 (2D) or 1 (3D)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
-    parser.add_argument("--output", default=None, help="also write the markdown table to this file")
-    args = parser.parse_args(argv)
-    result = benchmark(
-        args.spatial_dims,
-        args.shape,
-        args.batch_size,
-        args.device,
-        args.threads,
-        args.repeats,
-        [v for v in args.variants.split(",") if v],
-    )
-    shape = args.shape or DEFAULT_SHAPES[args.spatial_dims]
-    batch = args.batch_size or DEFAULT_BATCH[args.spatial_dims]
-    torch.set_num_threads(args.threads)
-    header = (
-        f"## {args.spatial_dims}D benchmark, {'x'.join(map(str, shape))}, batch {batch}, {args.device}\n\n"
-        f"Machine: {machine_description(args.device)}. Speed-ups are against {next(iter(MONAI_ROWS))}."
-    )
-    table = to_markdown(result, header)
-    print(table)
-    if args.output:
-        atomic_write_text(args.output, table)
-    return table
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    main()

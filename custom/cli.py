@@ -14,6 +14,7 @@ from typing import Callable, Dict, Optional, Sequence, Union
 import fire
 
 from custom.accuracy import run_accuracy
+from custom.benchmark import benchmark
 from custom.errors import exit_on_user_error
 from custom.pretrained import pretrain
 from custom.runner import bundle_dir, run_workflow
@@ -183,37 +184,6 @@ class Commands:
         run_workflow(["train.json", "evaluate.json"], "display", {**options, "plot_pairs": num_pairs})
         return output_dir
 
-    def benchmark(
-        self,
-        spatial_dims: int = 2,
-        shape: Optional[Sequence[int]] = None,
-        batch_size: Optional[int] = None,
-        device: str = "cpu",
-        threads: int = 2,
-        repeats: Optional[int] = None,
-        output: Optional[str] = None,
-    ) -> str:
-        """Speed, size and memory of the variants against MONAI's VoxelMorph (a markdown table).
-
-        Args:
-            spatial_dims: 2 or 3.
-            shape: spatial shape, e.g. [160,192]; default 160x192 or 160x192x224.
-            batch_size: default 8 (2D) or 1 (3D).
-            device: cpu or cuda.
-            threads: CPU threads.
-            repeats: timed repetitions; default 5 (2D) or 1 (3D).
-            output: also write the table to this file.
-        """
-        from custom.benchmark import main as benchmark_main
-
-        args = ["--spatial-dims", str(spatial_dims), "--device", device, "--threads", str(threads)]
-        args += ["--repeats", str(repeats)] if repeats else []
-        args += ["--shape", *map(str, shape)] if shape else []
-        args += ["--batch-size", str(batch_size)] if batch_size else []
-        args += ["--output", output] if output else []
-        benchmark_main(args)
-        return output or ""
-
     def make_demo(
         self, directory: str = "data/demo", num_subjects: int = 12, shape: Sequence[int] = (80, 96, 112), seed: int = 0
     ) -> str:
@@ -259,6 +229,7 @@ class Commands:
 
         return export_bundle(output_dir, overwrite, archive)
 
+    benchmark = staticmethod(benchmark)
     study = staticmethod(run_study)
     accuracy = staticmethod(run_accuracy)
     pretrain = staticmethod(pretrain)

@@ -1,18 +1,19 @@
-"""Register a user's own NIfTI pairs: the dataset the inference config loads and the writer of its outputs.
+"""Register a user's own NIfTI pairs: listing them, the dataset the inference config loads, and their checks
+(:mod:`custom.outputs` writes the results).
 
 Outputs per pair, named ``<moving>__to__<fixed>`` after the two files (``<subject>_aligned_norm`` for the
 neurite-OASIS names every subject shares; ``__<pair index>`` is appended when two pairs would share a name):
 ``<name>_warped.nii.gz`` (the moving image in its own intensity scale, warped), ``<name>_ddf.nii.gz`` (the
-displacement field: ITK/ANTs layout by default, see :mod:`custom.interop`) and, with a moving label,
-``<name>_warped_label.nii.gz`` (nearest neighbour). Each carries the fixed image's affine and is written to a
-temporary name and renamed; ``pairs_out.csv`` maps each input pair to its outputs.
+displacement field: ITK/ANTs layout by default, ``.mha`` for single slices, see :mod:`custom.interop`), with a
+moving label ``<name>_warped_label.nii.gz`` (nearest neighbour) and optionally ``<name>_jacobian.nii.gz``. Each
+carries the fixed image's affine; a pair's files are written to temporary names and renamed together;
+``pairs_out.csv`` maps each input pair to its outputs.
 
-Every input of every pair (existence, headers, dimensionality, shapes, geometry, finite values) is checked
-before the first file is written.
+Every input of every pair (existence, headers, dimensionality, shapes, geometry, values) is checked before the
+first file is written.
 """
 
 import csv
-import io
 import os
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Union
@@ -20,19 +21,13 @@ from typing import Callable, Dict, List, Optional, Union
 import nibabel as nib
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
 
 from custom.data.oasis import IMAGE_FILES
 from custom.data.transforms import ScaleForegroundd
-from custom.interop import DDF_FORMATS, check_itk_affine, field_suffix, write_field
-from custom.io import atomic_write_text
-from custom.losses import LocalNCCLoss
-from custom.metrics import jacobian_determinant
-from custom.networks import check_spatial_dims
-from custom.warp import SpatialTransformer
-from custom.workflow import decollated
+from custom.interop import check_itk_affine
+from custom.spatial import check_spatial_dims
 
-__all__ = ["RegistrationPairs", "RegistrationWriter", "estimate_memory_gib", "list_pairs", "output_names"]
+__all__ = ["RegistrationPairs", "estimate_memory_gib", "infer_spatial_dims", "list_pairs", "output_names"]
 
 NIFTI = (".nii.gz", ".nii")
 KEYS = ("moving", "fixed", "moving_label")
@@ -344,140 +339,3 @@ class RegistrationPairs(torch.utils.data.Dataset):
         if "moving_label" in item:
             out["moving_label"] = self._load(item["moving_label"], np.int32, reference)
         return self.normalise(out)
-
-
-class RegistrationWriter:
-    """Evaluator handler writing the warped image, the field and the warped label of each pair, and
-    ``pairs_out.csv`` at the end (see the module docstring); prints each pair's files and its LNCC (window 9, on the
-    normalised images) before and after registration.
-
-    A pair's files are written to temporary names and renamed together once all are written, so an interrupted run
-    leaves complete pairs only. :meth:`validate` (called by :func:`custom.runner.run_or_exit` before any work)
-    checks that the folder is writable and holds none of this run's outputs unless ``overwrite``.
-
-    Args:
-        output_dir: output folder (created).
-        ddf_format: ``"itk"`` (ITK/ANTs/Slicer displacement field, LPS mm, see :mod:`custom.interop`) or
-            ``"voxel"`` (our own ``(*S, spatial_dims)`` voxel layout).
-        jacobian: also write ``<name>_jacobian.nii.gz``, the field's Jacobian determinant (``<= 0`` where it folds).
-        overwrite: replace outputs of an earlier run of the same pairs in ``output_dir``.
-
-    Raises:
-        ValueError: for an unknown ``ddf_format``.
-    """
-
-    def __init__(
-        self, output_dir: Union[str, Path], ddf_format: str = "itk", jacobian: bool = False, overwrite: bool = False
-    ) -> None:
-        if ddf_format not in DDF_FORMATS:
-            raise ValueError(f"ddf_format must be one of {DDF_FORMATS}, got {ddf_format!r}.")
-        self.output_dir = Path(output_dir)
-        self.ddf_format = ddf_format
-        self.jacobian = bool(jacobian)
-        self.overwrite = bool(overwrite)
-        self.warp = SpatialTransformer("bilinear")
-        self.warp_labels = SpatialTransformer("nearest")
-        self.written: List[str] = []
-        self.rows: List[Dict[str, str]] = []
-
-    def attach(self, engine: Engine) -> None:
-        """Attach to an Ignite engine."""
-        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-        engine.add_event_handler(Events.COMPLETED, self._write_table)
-
-    def _outputs(self, name: str, spatial_dims: int, label: bool) -> Dict[str, Path]:
-        suffixes = {"warped": "_warped.nii.gz", "ddf": f"_ddf{field_suffix(spatial_dims, self.ddf_format)}"}
-        suffixes.update({"warped_label": "_warped_label.nii.gz"} if label else {})
-        suffixes.update({"jacobian": "_jacobian.nii.gz"} if self.jacobian else {})
-        return {key: self.output_dir / f"{name}{suffix}" for key, suffix in suffixes.items()}
-
-    def validate(self, dataset: "RegistrationPairs") -> None:
-        """Before any work: the output folder can be written, and holds none of the outputs of ``dataset``'s pairs
-        (nor ``pairs_out.csv``) unless ``overwrite``.
-
-        Raises:
-            ValueError: for a folder that cannot be created or written.
-            FileExistsError: for outputs of an earlier run.
-        """
-        folder = next((p for p in [self.output_dir, *self.output_dir.parents] if p.exists()), Path("."))
-        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-            raise ValueError(
-                f"cannot write to the output folder {str(self.output_dir)!r}: {str(folder)!r} is not a writable "
-                "folder."
-            )
-        if self.overwrite:
-            return
-        paths = [self.output_dir / "pairs_out.csv"]
-        for item, name in zip(dataset.pairs, dataset.names):
-            paths += self._outputs(name, dataset.spatial_dims, "moving_label" in item).values()
-        existing = [p.name for p in paths if p.exists()]
-        if existing:
-            raise FileExistsError(
-                f"{str(self.output_dir)!r} already holds outputs of these pairs ({', '.join(existing[:3])}"
-                f"{', ...' if len(existing) > 3 else ''}); pass --overwrite True to replace them, or give another "
-                "--output_dir."
-            )
-
-    def _image(self, array: torch.Tensor, reference: nib.Nifti1Image, dtype) -> nib.Nifti1Image:
-        header = reference.header.copy()
-        header.set_data_dtype(dtype)
-        return nib.Nifti1Image(array.numpy().astype(dtype).reshape(reference.shape), reference.affine, header)
-
-    def _write_pair(self, item: dict, ddf: torch.Tensor) -> Dict[str, str]:
-        """Write one pair's files under temporary names, then rename them all; returns its ``pairs_out.csv`` row."""
-        fixed = nib.load(item["fixed_path"])
-        paths = self._outputs(item["name"], ddf.shape[1], "moving_label" in item)
-        with torch.no_grad():
-            images = {"warped": self._image(self.warp(item["moving_raw"][None].float(), ddf)[0, 0], fixed, np.float32)}
-            if "moving_label" in item:
-                label = self.warp_labels(torch.as_tensor(item["moving_label"])[None], ddf)[0, 0]
-                images["warped_label"] = self._image(label, fixed, np.int32)
-            if self.jacobian:
-                images["jacobian"] = self._image(jacobian_determinant(ddf)[0], fixed, np.float32)
-        staged = {}
-        try:
-            for key, path in paths.items():
-                suffix = ".mha" if path.name.endswith(".mha") else ".nii.gz"
-                staged[key] = self.output_dir / f".{path.name}.{os.getpid()}.part{suffix}"
-                if key == "ddf":
-                    write_field(ddf[0], fixed, staged[key], self.ddf_format)
-                else:
-                    nib.save(images[key], str(staged[key]))
-            for key, path in paths.items():
-                os.replace(staged[key], path)
-        finally:
-            for tmp in staged.values():
-                if tmp.exists():
-                    tmp.unlink()
-        self.written += [str(p) for p in paths.values()]
-        row = {"moving": item["moving_path"], "fixed": item["fixed_path"], "moving_label": item["label_path"]}
-        return {
-            **row,
-            **{key: paths[key].name if key in paths else "" for key in ("warped", "ddf", "warped_label")},
-            **({"jacobian": paths["jacobian"].name} if self.jacobian else {}),
-        }
-
-    @staticmethod
-    def _lncc(moving: torch.Tensor, fixed: torch.Tensor) -> float:
-        return -float(LocalNCCLoss(fixed.dim() - 2)(moving, fixed))
-
-    def __call__(self, engine: Engine) -> None:
-        items, outputs = decollated(engine)
-        for item, output in zip(items, outputs):
-            ddf = torch.as_tensor(output["pred"]).float()[None].cpu()
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            row = self._write_pair(item, ddf)
-            moving, fixed = (torch.as_tensor(item[k])[None].float().cpu() for k in ("moving", "fixed"))
-            with torch.no_grad():
-                before, after = self._lncc(moving, fixed), self._lncc(self.warp(moving, ddf), fixed)
-            files = ", ".join(row[k] for k in ("warped", "ddf", "warped_label", "jacobian") if row.get(k))
-            print(f"{item['name']}: LNCC {before:.3f} -> {after:.3f}; wrote {files} in {self.output_dir}", flush=True)
-            self.rows.append(row)
-
-    def _write_table(self, engine: Engine) -> None:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(self.rows[0]) if self.rows else KEYS)
-        writer.writeheader()
-        writer.writerows(self.rows)
-        atomic_write_text(self.output_dir / "pairs_out.csv", buffer.getvalue())

@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from custom.io import atomic_path
+from custom.atomic import atomic_path
 
 __all__ = [
     "APPLY_MODES",

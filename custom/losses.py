@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from custom.networks import check_spatial_dims
+from custom.spatial import check_spatial_dims
 from custom.warp import SpatialTransformer
 
 __all__ = ["LocalNCCLoss", "MSELoss", "GradLoss", "PairLoss", "box_sum"]

@@ -16,10 +16,12 @@ import torch
 __all__ = [
     "dice_per_label",
     "folding_stats",
+    "format_mean",
     "hd95_per_label",
     "jacobian_determinant",
     "jacobian_stats",
     "label_scores",
+    "summarize",
     "worst_mean",
 ]
 
@@ -202,3 +204,31 @@ def folding_stats(det: torch.Tensor) -> Dict[str, float]:
         "nonpositive_percent": 100.0 * float((det <= 0).float().mean()),
         "log_jacobian_std": float(positive.log().std()) if positive.numel() > 1 else float("nan"),
     }
+
+
+def summarize(rows: Sequence[Dict[str, float]], keys: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
+    """The one summary of per-pair metric rows (evaluation, ``accuracy``, ``study``): mean, standard deviation and
+    number of pairs of every numeric column (or of ``keys``), NaNs left out.
+
+    Args:
+        rows: one dict per pair.
+        keys: the columns to summarise; default every numeric column, in first-seen order.
+    """
+    if keys is None:
+        keys = []
+        for row in rows:
+            keys += [k for k, v in row.items() if isinstance(v, (int, float)) and k not in keys]
+    out = {}
+    for key in keys:
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
+        if values:
+            out[key] = {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "n": len(values)}
+    return out
+
+
+def format_mean(summary: Dict[str, Dict[str, float]], key: str, digits: int = 3, sd: bool = False) -> str:
+    """A summary's mean of ``key`` (``± std`` with ``sd``) for a markdown table; ``n/a`` when it has none."""
+    if key not in summary:
+        return "n/a"
+    entry = summary[key]
+    return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}" if sd else f"{entry['mean']:.{digits}f}"

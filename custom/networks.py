@@ -22,38 +22,14 @@ from monai.networks.layers import Conv
 from torch import nn
 
 from custom.blocks import UpsampleConcatConv
+from custom.spatial import check_spatial_dims
 from custom.warp import SpatialTransformer, VelocityIntegration
 
-__all__ = [
-    "VARIANTS",
-    "VXM2_DEC_CHANNELS",
-    "VXM2_ENC_CHANNELS",
-    "RegistrationNet",
-    "VxmDense",
-    "check_spatial_dims",
-    "count_parameters",
-]
+__all__ = ["VARIANTS", "VXM2_DEC_CHANNELS", "VXM2_ENC_CHANNELS", "RegistrationNet", "VxmDense", "count_parameters"]
 
 VARIANTS = ("baseline", "maxpool", "reduced", "both")
 VXM2_ENC_CHANNELS = (16, 32, 32, 32)
 VXM2_DEC_CHANNELS = (32, 32, 32, 32, 32, 16, 16)
-
-
-def check_spatial_dims(spatial_dims: int) -> int:
-    """Validate ``spatial_dims``.
-
-    Args:
-        spatial_dims: the number of spatial dimensions.
-
-    Returns:
-        ``spatial_dims`` as an ``int``.
-
-    Raises:
-        ValueError: unless it is 2 or 3.
-    """
-    if isinstance(spatial_dims, bool) or spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
-    return int(spatial_dims)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from custom.io import atomic_path  # noqa: E402
+from custom.atomic import atomic_path  # noqa: E402
 from custom.metrics import jacobian_determinant  # noqa: E402
 
 __all__ = ["plot_registration_grid", "plot_loss_curves", "plot_deformation_grid", "plot_jacobian", "display"]

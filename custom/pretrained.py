@@ -18,8 +18,9 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 import yaml
 
-from custom.io import atomic_path, atomic_write_text
-from custom.networks import VARIANTS, check_spatial_dims
+from custom.atomic import atomic_path, atomic_write_text
+from custom.networks import VARIANTS
+from custom.spatial import check_spatial_dims
 
 __all__ = ["MANIFEST", "load_pretrained", "pretrain", "pretrained_path", "read_manifest", "sha256"]
 

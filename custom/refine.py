@@ -36,7 +36,7 @@ from monai.inferers import Inferer
 from torch import nn
 
 from custom.losses import GradLoss, LocalNCCLoss, MSELoss
-from custom.networks import check_spatial_dims
+from custom.spatial import check_spatial_dims
 from custom.warp import SpatialTransformer, VelocityIntegration
 
 __all__ = ["DEFAULTS", "RefineOptions", "RefiningInferer", "RegistrationInferer", "refine", "resize_field"]

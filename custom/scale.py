@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
+from custom.atomic import atomic_write_text
 from custom.benchmark import machine_description
 from custom.data.demo import make_demo
 from custom.data.oasis import IMAGE_FILES, LABEL_FILES
-from custom.io import atomic_write_text
 from custom.runner import as_list, bundle_dir
 
 __all__ = ["link_release", "process_tree_memory", "run_scale", "SCALE_MODES"]

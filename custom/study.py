@@ -14,10 +14,12 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
+from custom.atomic import atomic_write_text
 from custom.benchmark import machine_description, measure_model, multiply_adds
-from custom.io import atomic_write_text
-from custom.networks import VARIANTS, RegistrationNet, check_spatial_dims, count_parameters
+from custom.metrics import format_mean
+from custom.networks import VARIANTS, RegistrationNet, count_parameters
 from custom.runner import as_list, bundle_workflow, train_run
+from custom.spatial import check_spatial_dims
 
 __all__ = ["DEFAULT_SMOOTH_WEIGHT", "run_study"]
 
@@ -67,13 +69,6 @@ def _command() -> str:
     """The command line that made the report (``python -m custom ...`` when run as a module)."""
     prog = "python -m custom" if sys.argv[0].endswith("__main__.py") else Path(sys.argv[0]).name
     return " ".join([prog] + [shlex.quote(a) for a in sys.argv[1:]])
-
-
-def _fmt(summary: dict, key: str, digits: int = 3, sd: bool = False) -> str:
-    if key not in summary:
-        return "n/a"
-    entry = summary[key]
-    return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}" if sd else f"{entry['mean']:.{digits}f}"
 
 
 def run_study(
@@ -215,16 +210,17 @@ def _write_report(
         "| loss | variant | params | MACs/pair (M) | epochs | train time (s) | time/step (s) | peak MiB (batch 1) "
         "| max batch | LNCC | MSE | Dice | % folding | inference s/pair |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| - | none (identity) | - | - | - | - | - | - | - | {_fmt(identity, 'lncc')} | {_fmt(identity, 'mse', 4)} "
-        f"| {_fmt(identity, 'dice_mean', 3, sd=True)} | {_fmt(identity, 'nonpositive_percent')} | - |",
+        "| - | none (identity) | - | - | - | - | - | - | - "
+        f"| {format_mean(identity, 'lncc')} | {format_mean(identity, 'mse', 4)} "
+        f"| {format_mean(identity, 'dice_mean', 3, sd=True)} | {format_mean(identity, 'nonpositive_percent')} | - |",
     ]
     for r in rows:
         s = r["summary"]
         lines.append(
             f"| {r['loss']} | {r['variant']} | {r['params']:,} | {r['macs'] / 1e6:.1f} | {r['epochs']} "
             f"| {r['train_s']:.1f} | {r['step_s']:.4f} | {r['peak_mb_1']:.0f} | {r['max_batch']} "
-            f"| {_fmt(s, 'lncc')} | {_fmt(s, 'mse', 4)} | {_fmt(s, 'dice_mean', 3, sd=True)} "
-            f"| {_fmt(s, 'nonpositive_percent')} | {_fmt(s, 'seconds', 4)} |"
+            f"| {format_mean(s, 'lncc')} | {format_mean(s, 'mse', 4)} | {format_mean(s, 'dice_mean', 3, sd=True)} "
+            f"| {format_mean(s, 'nonpositive_percent')} | {format_mean(s, 'seconds', 4)} |"
         )
     lines += ["", "## Figures", ""]
     lines += [f"![loss curves ({loss})](loss_curves_{loss}.png)" for loss in curves]

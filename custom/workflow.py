@@ -27,10 +27,10 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.data import decollate_batch
 from monai.handlers import from_engine
 
-from custom.io import atomic_write_text
+from custom.atomic import atomic_write_text
 from custom.losses import LocalNCCLoss
-from custom.metrics import jacobian_stats, label_scores
-from custom.networks import check_spatial_dims
+from custom.metrics import jacobian_stats, label_scores, summarize
+from custom.spatial import check_spatial_dims
 from custom.warp import SpatialTransformer
 
 __all__ = [
@@ -372,14 +372,8 @@ class PairMetricsWriter:
             self.rows.append(row)
 
     def summary(self) -> Dict[str, Dict[str, float]]:
-        """Mean and standard deviation of every metric over the pairs."""
-        keys = [k for k in self.rows[0] if k not in ("moving", "fixed")] if self.rows else []
-        out = {}
-        for k in keys:
-            values = [r[k] for r in self.rows if k in r and not math.isnan(r[k])]
-            if values:
-                out[k] = {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "n": len(values)}
-        return out
+        """Mean and standard deviation of every metric over the pairs (:func:`custom.metrics.summarize`)."""
+        return summarize(self.rows)
 
     def _write(self, engine: Engine) -> None:
         if not self.rows:

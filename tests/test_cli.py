@@ -58,6 +58,15 @@ def test_help_for_each_command(ws, command):
     assert f"vxm-lite {command}" in text or f"vxm-lite {command.replace('-', '_')}" in text
 
 
+def test_top_level_help_lists_every_command(ws):
+    from custom.cli import Commands
+
+    proc = cli(["--help"], ws)
+    listed = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ")]
+    expected = sorted(name.replace("_", "-") for name in dir(Commands) if not name.startswith("_"))
+    assert listed == expected and "register" in listed and "export-bundle" in listed
+
+
 def test_documented_cli_commands_run(ws):
     """Every `python -m custom ...` command shown in bundle/docs/README.md, in a scratch copy of the layout."""
     from test_bundle import documented_commands  # pytest puts tests/ on sys.path

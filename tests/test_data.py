@@ -120,7 +120,7 @@ def test_make_demo_cli(tmp_path):
     import sys
 
     out = tmp_path / "cli_demo"
-    cmd = [sys.executable, "-m", "custom.data", "make-demo", str(out), "--num_subjects", "2", "--shape", "[8,8,8]"]
+    cmd = [sys.executable, "-m", "custom", "make-demo", str(out), "--num_subjects", "2", "--shape", "[8,8,8]"]
     subprocess.run(cmd, check=True, capture_output=True)
     assert len(find_subjects(out)) == 2
 

@@ -136,3 +136,27 @@ def test_bad_metric_inputs():
 def test_bad_dice_inputs():
     with pytest.raises(ValueError, match="same shape"):
         dice_per_label(torch.zeros(2, 2), torch.zeros(2, 3))
+
+
+SUMMARIES = [
+    # (rows, keys, expected summary)
+    ([{"dice": 0.5}, {"dice": 1.0}], None, {"dice": {"mean": 0.75, "std": 0.25, "n": 2}}),  # mean, population sd
+    ([{"dice": 0.5, "name": "a"}, {"dice": float("nan")}], None, {"dice": {"mean": 0.5, "std": 0.0, "n": 1}}),  # NaN
+    ([{"a": 1.0, "b": 2.0}], ["b"], {"b": {"mean": 2.0, "std": 0.0, "n": 1}}),  # only the keys asked for
+    ([], None, {}),  # no pairs
+]
+
+
+@pytest.mark.parametrize("rows,keys,expected", SUMMARIES)
+def test_summarize(rows, keys, expected):
+    from custom.metrics import summarize
+
+    assert summarize(rows, keys) == expected
+
+
+def test_format_mean():
+    from custom.metrics import format_mean
+
+    summary = {"dice": {"mean": 0.81234, "std": 0.1, "n": 3}}
+    assert format_mean(summary, "dice") == "0.812" and format_mean(summary, "dice", 2, sd=True) == "0.81 ± 0.10"
+    assert format_mean(summary, "hd95") == "n/a"

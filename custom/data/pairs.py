@@ -24,7 +24,7 @@ from monai.data import partition_dataset
 from custom.data.frames import SubjectFrames
 from custom.data.oasis import find_subjects, split_subjects
 from custom.data.synth import SyntheticPairs
-from custom.networks import check_spatial_dims
+from custom.spatial import check_spatial_dims
 
 __all__ = ["PAIR_STRATEGIES", "PairDataset", "PairResampler", "make_pairs", "build_pair_dataset"]
 

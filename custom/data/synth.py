@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from monai.transforms import Compose, RandAdjustContrast, RandBiasField, RandGaussianNoise, RandGaussianSmooth
 
 from custom.data.transforms import scale_foreground
-from custom.networks import check_spatial_dims
+from custom.spatial import check_spatial_dims
 from custom.warp import SpatialTransformer, VelocityIntegration
 
 __all__ = ["SYNTH_SHAPES", "SyntheticPairs", "known_deformation_pairs", "random_ddf", "smooth_noise"]

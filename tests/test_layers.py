@@ -1,0 +1,85 @@
+"""The package's layers (README.md, "Package layout"): every module sits in one, and imports only its own layer or
+the ones below it."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAYERS = {
+    # layer: the modules in it, bottom first
+    "core": [
+        "custom",
+        "custom.atomic",
+        "custom.blocks",
+        "custom.errors",
+        "custom.losses",
+        "custom.metrics",
+        "custom.networks",
+        "custom.spatial",
+        "custom.warp",
+    ],
+    "middle": [
+        "custom.data",
+        "custom.data.demo",
+        "custom.data.frames",
+        "custom.data.oasis",
+        "custom.data.pairs",
+        "custom.data.synth",
+        "custom.data.transforms",
+        "custom.interop",
+        "custom.plots",
+        "custom.refine",
+    ],
+    "glue": ["custom.inference", "custom.one_line_errors", "custom.outputs", "custom.runner", "custom.workflow"],
+    "tools": [
+        "custom.accuracy",
+        "custom.accuracy_3d",
+        "custom.benchmark",
+        "custom.export",
+        "custom.pretrained",
+        "custom.scale",
+        "custom.study",
+    ],
+    "cli": ["custom.__main__", "custom.cli"],
+}
+LEVEL = {module: level for level, modules in enumerate(LAYERS.values()) for module in modules}
+
+
+def module_name(path: Path) -> str:
+    name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+    return name[: -len(".__init__")] if name.endswith(".__init__") else name
+
+
+def imported(path: Path):
+    """The ``custom`` modules a file imports (anywhere in it, lazy imports included)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "custom":
+            yield node.module
+        elif isinstance(node, ast.Import):
+            yield from (a.name for a in node.names if a.name.split(".")[0] == "custom")
+
+
+FILES = sorted((REPO / "custom").rglob("*.py"))
+
+
+def test_every_module_has_a_layer():
+    assert sorted(module_name(p) for p in FILES) == sorted(LEVEL)
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: module_name(p))
+def test_no_module_imports_a_layer_above_its_own(path):
+    name = module_name(path)
+    above = [m for m in imported(path) if LEVEL[m] > LEVEL[name]]
+    assert not above, f"{name} ({list(LAYERS)[LEVEL[name]]}) imports {above} from a layer above"
+
+
+def test_readme_draws_the_layers():
+    text = (REPO / "README.md").read_text()
+    for layer, modules in LAYERS.items():
+        row = next((line for line in text.splitlines() if line.startswith(f"| {layer} |")), "")
+        assert row, f"README.md has no row for the {layer} layer"
+        for module in modules:
+            short = {"custom": "__init__", "custom.data": "data/__init__"}.get(module, module[7:].replace(".", "/"))
+            assert short in row, f"{module} is missing from README's {layer} row"
