@@ -197,12 +197,14 @@ def check_bundle_arguments(argv: Sequence[str]) -> None:
     accepts any key as an override and silently adds a mistyped one as a new, unused key.
 
     Args:
-        argv: the arguments after the program name.
+        argv: the arguments after the program name; only the ``run`` verb is checked.
 
     Raises:
         ValueError: for a key that is neither an option of ``run`` nor a key (or the first part of a ``#`` path) of
             the merged config files, naming the closest valid key.
     """
+    if not argv or argv[0] != "run":  # the other verbs (ckpt_export, verify_net_in_out, ...) have their own options
+        return
     options = _options(argv)
     files = options.get("config_file", "").strip()
     if not files:

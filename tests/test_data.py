@@ -530,3 +530,11 @@ def test_two_frames_of_one_subject_read_it_once(demo):
     first, second = frames.read([0, 1])
     assert reads == [0] and not torch.equal(first["image"], second["image"])
     assert torch.equal(first["image"], frames[0]["image"]) and reads == [0, 0]
+
+
+def test_pair_resampler_is_a_deprecated_name_of_pair_redrawer():
+    from custom.data import PairRedrawer, PairResampler
+
+    with pytest.warns(DeprecationWarning, match="use custom.data.PairRedrawer"):
+        handler = PairResampler(dataset=None)
+    assert isinstance(handler, PairRedrawer)

@@ -36,7 +36,7 @@ def test_synthetic_pairs_are_seeded_and_redrawn(spatial_dims, shape):
     assert not torch.equal(train[1]["moving"], a["moving"])  # another index, another pair
     train.set_epoch(2)
     assert not torch.equal(train[0]["moving"], a["moving"])  # re-drawn every epoch
-    fixed = SyntheticPairs(spatial_dims, shape, length=3, seed=1, resample=False)
+    fixed = SyntheticPairs(spatial_dims, shape, length=3, seed=1, redraw=False)
     first = fixed[0]["moving"]
     fixed.set_epoch(5)
     assert torch.equal(fixed[0]["moving"], first)  # validation pairs stay
@@ -46,7 +46,7 @@ def test_synthetic_strategy_uses_the_demo_label_maps(tmp_path):
     demo = make_demo(tmp_path / "demo", num_subjects=3, shape=(24, 28, 20))
     train = build_pair_dataset(demo, "train", 2, "synthetic", synth_shape=(32, 40), synth_pairs=16)
     val = build_pair_dataset(demo, "val", 2, "synthetic", synth_shape=(32, 40), synth_pairs=16)
-    assert isinstance(train, SyntheticPairs) and len(train) == 16 and len(val) == 8 and not val.resample
+    assert isinstance(train, SyntheticPairs) and len(train) == 16 and len(val) == 8 and not val.redraw
     assert train.label_maps and all(m.shape == (1, 32, 40) for m in train.label_maps)
     maxima = {int(train[i]["moving_label"].max()) for i in range(16)}
     assert any(m <= 4 for m in maxima) and any(m > 4 for m in maxima)  # seg4 maps and "shapes" maps

@@ -4,7 +4,7 @@ and the synthetic demo dataset."""
 from custom.data.demo import DEMO_SHAPE, ensure_dataset, make_demo
 from custom.data.frames import CACHE_MODES, SubjectFrames
 from custom.data.oasis import IMAGE_FILES, LABEL_FILES, find_subjects, split_subjects
-from custom.data.pairs import PAIR_STRATEGIES, PairDataset, PairResampler, build_pair_dataset, make_pairs
+from custom.data.pairs import PAIR_STRATEGIES, PairDataset, PairRedrawer, PairResampler, build_pair_dataset, make_pairs
 from custom.data.synth import SYNTH_SHAPES, SyntheticPairs, known_deformation_pairs, random_ddf
 from custom.data.transforms import CheckVolumed, StackSlicesd, foreground_slices, load_transforms
 
@@ -16,6 +16,7 @@ __all__ = [
     "PAIR_STRATEGIES",
     "CheckVolumed",
     "PairDataset",
+    "PairRedrawer",
     "PairResampler",
     "SYNTH_SHAPES",
     "StackSlicesd",

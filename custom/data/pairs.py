@@ -14,6 +14,7 @@ strategy turns units into ``(moving unit, fixed unit, moving key)`` triples:
 
 import logging
 import random
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -26,7 +27,7 @@ from custom.data.oasis import find_subjects, split_subjects
 from custom.data.synth import SyntheticPairs
 from custom.spatial import check_spatial_dims
 
-__all__ = ["PAIR_STRATEGIES", "PairDataset", "PairResampler", "make_pairs", "build_pair_dataset"]
+__all__ = ["PAIR_STRATEGIES", "PairDataset", "PairRedrawer", "PairResampler", "make_pairs", "build_pair_dataset"]
 
 PAIR_STRATEGIES = ("inter_subject", "atlas", "intra_volume", "orig_to_norm", "synthetic")
 Pair = Tuple[int, int, str]
@@ -106,7 +107,7 @@ class PairDataset(torch.utils.data.Dataset):
         frames: the frames (cached as their :class:`~custom.data.frames.SubjectFrames` says).
         strategy: one of :data:`PAIR_STRATEGIES`.
         seed: seed of the pair draw.
-        resample: draw new random pairs at each :meth:`set_epoch` (training); otherwise the pairs stay fixed.
+        redraw: draw new random pairs at each :meth:`set_epoch` (training); otherwise the pairs stay fixed.
         offset: slice distance for ``intra_volume``.
         atlas: fixed subject for ``atlas``.
         max_pairs: keep at most this many pairs, evenly spread over all of them (bounds validation work).
@@ -120,7 +121,7 @@ class PairDataset(torch.utils.data.Dataset):
         frames: SubjectFrames,
         strategy: str = "inter_subject",
         seed: int = 0,
-        resample: bool = False,
+        redraw: bool = False,
         offset: int = 1,
         atlas: Optional[str] = None,
         max_pairs: Optional[int] = None,
@@ -132,7 +133,7 @@ class PairDataset(torch.utils.data.Dataset):
         self.frames = frames
         self.strategy = strategy
         self.seed = seed
-        self.resample = resample
+        self.redraw = redraw
         self.offset = offset
         self.atlas = atlas
         self.max_pairs = max_pairs
@@ -157,8 +158,8 @@ class PairDataset(torch.utils.data.Dataset):
         return [pairs[int(i * step)] for i in range(self.max_pairs)]
 
     def set_epoch(self, epoch: int) -> None:
-        """Re-draw the random pairs for ``epoch`` (only when ``resample``); deterministic given the seed."""
-        if self.resample:
+        """Re-draw the random pairs for ``epoch`` (only when ``redraw``); deterministic given the seed."""
+        if self.redraw:
             self.pairs = self._draw(self.seed + epoch)
 
     def __len__(self) -> int:
@@ -173,7 +174,7 @@ class PairDataset(torch.utils.data.Dataset):
         return item
 
 
-class PairResampler:
+class PairRedrawer:
     """Ignite handler: calls ``dataset.set_epoch(epoch)`` when each epoch starts, so pairs are re-drawn."""
 
     def __init__(self, dataset: PairDataset) -> None:
@@ -184,6 +185,18 @@ class PairResampler:
         from ignite.engine import Events
 
         engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.dataset.set_epoch(e.state.epoch))
+
+
+class PairResampler(PairRedrawer):
+    """Deprecated name of :class:`PairRedrawer` ("resample" means spatial resampling elsewhere)."""
+
+    def __init__(self, dataset: PairDataset) -> None:
+        warnings.warn(
+            "custom.data.PairResampler is deprecated: use custom.data.PairRedrawer (same arguments).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        super().__init__(dataset)
 
 
 def build_pair_dataset(
@@ -300,6 +313,6 @@ def _synthetic(dataset_dir, split, spatial_dims, image, slice_axis, seed, shape,
         frames = SubjectFrames(subjects, spatial_dims, slice_axis=slice_axis)
         label_maps = [frames[i]["label"] for i in range(len(frames))]
     if split == "train":
-        return SyntheticPairs(spatial_dims, shape, pairs, seed, resample=True, label_maps=label_maps)
+        return SyntheticPairs(spatial_dims, shape, pairs, seed, redraw=True, label_maps=label_maps)
     offset = ("val", "test", "all").index(split) + 1
     return SyntheticPairs(spatial_dims, shape, max(8, pairs // 8), seed + 1000 * offset, False, label_maps=label_maps)

@@ -147,7 +147,7 @@ class SyntheticPairs(torch.utils.data.Dataset):
         shape: spatial shape of the pairs; default :data:`SYNTH_SHAPES`.
         length: pairs per epoch.
         seed: the generator seed.
-        resample: new pairs at each :meth:`set_epoch` (training); otherwise always the same (validation).
+        redraw: new pairs at each :meth:`set_epoch` (training); otherwise always the same (validation).
         num_labels: labels of a "shapes" label map.
         max_displacement: standard deviation of the velocity field, in voxels (the deformations reach about
             twice that).
@@ -164,7 +164,7 @@ class SyntheticPairs(torch.utils.data.Dataset):
         shape: Optional[Sequence[int]] = None,
         length: int = 256,
         seed: int = 0,
-        resample: bool = True,
+        redraw: bool = True,
         num_labels: int = 16,
         max_displacement: float = 3.0,
         label_maps: Optional[List[torch.Tensor]] = None,
@@ -177,7 +177,7 @@ class SyntheticPairs(torch.utils.data.Dataset):
             raise ValueError(f"need length >= 1 and num_labels >= 2, got {length} and {num_labels}.")
         self.length = length
         self.seed = seed
-        self.resample = resample
+        self.redraw = redraw
         self.epoch = 0
         self.num_labels = num_labels
         self.max_displacement = float(max_displacement)
@@ -196,8 +196,8 @@ class SyntheticPairs(torch.utils.data.Dataset):
         )
 
     def set_epoch(self, epoch: int) -> None:
-        """New random pairs for ``epoch`` (only when ``resample``)."""
-        if self.resample:
+        """New random pairs for ``epoch`` (only when ``redraw``)."""
+        if self.redraw:
             self.epoch = epoch
 
     def __len__(self) -> int:
