@@ -29,7 +29,7 @@ from custom.data.demo import ensure_dataset
 from custom.data.frames import SubjectFrames
 from custom.data.oasis import find_subjects
 from custom.data.pairs import PairDataset
-from custom.metrics import folding_stats, format_mean, jacobian_determinant, label_scores, summarize
+from custom.metrics import format_mean, jacobian_determinant, pair_metrics, summarize
 from custom.networks import RegistrationNet
 from custom.pretrained import pretrained_path
 from custom.refine import RefineOptions, RefiningInferer
@@ -37,15 +37,7 @@ from custom.runner import as_list, bundle_dir, train_run
 from custom.spatial import check_spatial_dims
 from custom.warp import SpatialTransformer
 
-__all__ = [
-    "MonaiVoxelMorph",
-    "aggregate",
-    "ants_available",
-    "ants_register",
-    "pair_metrics",
-    "run_accuracy",
-    "to_markdown",
-]
+__all__ = ["MonaiVoxelMorph", "aggregate", "ants_available", "ants_register", "run_accuracy", "to_markdown"]
 
 VOLUME_SWEEP = ((60, 10, 0), (60, 20, 10), (60, 20, 20))
 """The refinement steps per level (a quarter, half and full resolution) tabulated in 3D besides the default."""
@@ -80,26 +72,6 @@ class MonaiVoxelMorph(nn.Module):
 def ants_available() -> bool:
     """Whether ``antspyx`` is installed."""
     return importlib.util.find_spec("ants") is not None
-
-
-def pair_metrics(warped_label: torch.Tensor, fixed_label: torch.Tensor, det: torch.Tensor) -> dict:
-    """Dice (mean over the labels of either map), worst-30% Dice, mean HD95, % folding, minimum Jacobian
-    determinant and SDlogJ of one pair.
-
-    Args:
-        warped_label: ``(H, W[, D])`` integer labels of the moving image after registration.
-        fixed_label: ``(H, W[, D])``.
-        det: the Jacobian determinant of the transform, any shape.
-    """
-    scores, stats = label_scores(warped_label, fixed_label), folding_stats(det)
-    return {
-        "dice": scores["dice_mean"],
-        "dice30": scores["dice_worst30"],
-        "hd95": scores["hd95_mean"],
-        "folding": stats["nonpositive_percent"],
-        "min_det": float(det.min()),
-        "sdlogj": stats["log_jacobian_std"],
-    }
 
 
 def _trained_model(models: Path) -> Path:

@@ -23,13 +23,13 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from custom.accuracy import VOLUME_SWEEP, aggregate, ants_available, ants_register, pair_metrics, to_markdown
+from custom.accuracy import VOLUME_SWEEP, aggregate, ants_available, ants_register, to_markdown
 from custom.atomic import atomic_write_text
 from custom.data.demo import ensure_dataset
 from custom.data.frames import SubjectFrames
 from custom.data.oasis import find_subjects, resolve_label
 from custom.data.synth import known_deformation_pairs
-from custom.metrics import jacobian_determinant
+from custom.metrics import jacobian_determinant, pair_metrics
 from custom.networks import RegistrationNet
 from custom.refine import DEFAULTS, RefineOptions, RefiningInferer
 from custom.runner import as_list

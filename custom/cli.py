@@ -54,7 +54,8 @@ class Commands:
         jacobian: bool = False,
         overwrite: bool = False,
         resample: bool = False,
-        loss: str = "lncc",
+        similarity: str = "lncc",
+        loss: Optional[str] = None,
         refine_steps: Union[int, Sequence[int], None] = None,
         refine_lr: float = 0.2,
         refine_smooth_weight: float = 1.0,
@@ -78,7 +79,8 @@ class Commands:
             jacobian: also write <name>_jacobian.nii.gz, the field's Jacobian determinant (<= 0 where it folds).
             overwrite: replace the outputs of an earlier run of the same pairs in output_dir (refused otherwise).
             resample: resample moving images (and labels) onto the fixed grid when their geometry differs.
-            loss: the training similarity (lncc or mse), used by the refinement.
+            similarity: the training similarity (lncc or mse), used by the refinement.
+            loss: deprecated name of similarity.
             refine_steps: test-time refinement steps per pair at most, one number for every level or one per level
                 (0: the network's field as it is); default 10 in 2D, [60,10,5] in 3D (custom.refine.DEFAULTS).
             refine_lr: refinement learning rate (voxels per step).
@@ -107,7 +109,8 @@ class Commands:
         num_test: float = 0.2,
         seed: int = 0,
         output_dir: str = "runs/evaluate",
-        loss: str = "lncc",
+        similarity: str = "lncc",
+        loss: Optional[str] = None,
         refine_steps: Union[int, Sequence[int], None] = None,
         refine_lr: float = 0.2,
         refine_smooth_weight: float = 1.0,
@@ -131,7 +134,8 @@ class Commands:
             num_test: test subjects (fraction or count), as in training.
             seed: the split seed, as in training.
             output_dir: where the files go.
-            loss: the training similarity (lncc or mse), used by the refinement.
+            similarity: the training similarity (lncc or mse), used by the refinement.
+            loss: deprecated name of similarity.
             refine_steps: test-time refinement steps per pair at most, one number for every level or one per level
                 (0: the network alone); default 10 in 2D, [60,10,5] in 3D.
             refine_lr: refinement learning rate (voxels per step).

@@ -4,7 +4,8 @@ All are ``nn.Module``s with MONAI's sign convention (lower is better) and a ``re
 (``"mean"``, ``"sum"`` or ``"none"``).
 """
 
-from typing import List
+import warnings
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from torch import nn
 from custom.spatial import check_spatial_dims
 from custom.warp import SpatialTransformer
 
-__all__ = ["LocalNCCLoss", "MSELoss", "GradLoss", "PairLoss", "box_sum"]
+__all__ = ["LocalNCCLoss", "MSELoss", "GradLoss", "PairLoss", "box_sum", "similarity_name"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -270,3 +271,20 @@ class PairLoss(nn.Module):
             ddf, pair = ddf.float(), pair.float()
             warped = self.transformer(pair[:, :1], ddf)
             return self.similarity(warped, pair[:, 1:]) + self.smooth_weight * self.smoothness(ddf)
+
+
+def similarity_name(similarity: str, loss: Optional[str] = None) -> str:
+    """The configs' similarity (``"lncc"`` or ``"mse"``), honouring the deprecated key ``loss`` that named it before.
+
+    Args:
+        similarity: the ``similarity`` key.
+        loss: the deprecated ``loss`` key; when given it wins, with a ``FutureWarning``.
+    """
+    if loss is None:
+        return similarity
+    warnings.warn(
+        f"the config key 'loss' is deprecated (it names the similarity): use --similarity {loss} instead.",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return loss

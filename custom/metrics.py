@@ -21,6 +21,7 @@ __all__ = [
     "jacobian_determinant",
     "jacobian_stats",
     "label_scores",
+    "pair_metrics",
     "summarize",
     "worst_mean",
 ]
@@ -203,6 +204,26 @@ def folding_stats(det: torch.Tensor) -> Dict[str, float]:
     return {
         "nonpositive_percent": 100.0 * float((det <= 0).float().mean()),
         "log_jacobian_std": float(positive.log().std()) if positive.numel() > 1 else float("nan"),
+    }
+
+
+def pair_metrics(warped_label: torch.Tensor, fixed_label: torch.Tensor, det: torch.Tensor) -> dict:
+    """Dice (mean over the labels of either map), worst-30% Dice, mean HD95, % folding, minimum Jacobian
+    determinant and SDlogJ of one pair.
+
+    Args:
+        warped_label: ``(H, W[, D])`` integer labels of the moving image after registration.
+        fixed_label: ``(H, W[, D])``.
+        det: the Jacobian determinant of the transform, any shape.
+    """
+    scores, stats = label_scores(warped_label, fixed_label), folding_stats(det)
+    return {
+        "dice": scores["dice_mean"],
+        "dice30": scores["dice_worst30"],
+        "hd95": scores["hd95_mean"],
+        "folding": stats["nonpositive_percent"],
+        "min_det": float(det.min()),
+        "sdlogj": stats["log_jacobian_std"],
     }
 
 

@@ -386,14 +386,22 @@ def test_rerun_refuses_overwrite_replaces_and_interrupt_leaves_complete_pairs(in
     slow = INFERENCE + volumes + ["--model_path", str(tmp_path / "both3d.pt"), "--output_dir", str(tmp_path / "cut")]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
-        slow + ["--refine_steps", "100000", "--refine_tolerance", "0"], cwd=infer_ws, stderr=subprocess.PIPE, env=env
+        slow + ["--refine_steps", "100000", "--refine_tolerance", "0"],
+        cwd=infer_ws,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # pytest-xdist workers ignore SIGINT
     )
-    seen = b""
-    while b"refine" not in seen and proc.poll() is None:  # interrupt during the work, not during start-up
-        seen += os.read(proc.stderr.fileno(), 4096)
-    proc.send_signal(signal.SIGINT)
+    seen, deadline = b"", time.time() + 300
+    try:
+        while b"refine" not in seen and proc.poll() is None and time.time() < deadline:  # during the work
+            seen += os.read(proc.stderr.fileno(), 4096)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
     stderr = (seen + proc.stderr.read()).decode()
-    assert proc.wait(timeout=60) == 130 and "Traceback" not in stderr
+    assert code == 130 and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1].startswith("error: interrupted")
     assert not (tmp_path / "cut").exists() or not any((tmp_path / "cut").iterdir())
 

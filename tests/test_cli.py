@@ -260,6 +260,11 @@ def test_study_end_to_end(ws):
             assert f"| {loss} | {variant} | 45,106 |" in report
             for png in ("registration_grid.png", "deformation_grid.png", "jacobian.png"):
                 assert (run / loss / variant / png).read_bytes().startswith(b"\x89PNG")
+    # the networks alone (the paper's comparison) and, as its own column, with the default refinement
+    results = json.loads((run / "results.json").read_text())["runs"]
+    assert "| Dice | % folding | inference s/pair | Dice + refinement |" in report and len(results) == 4
+    for r in results:
+        assert 0 <= r["summary"]["dice_mean"]["mean"] <= 1 and 0 <= r["refined"]["dice_mean"]["mean"] <= 1
     assert "| - | none (identity) |" in report
     data = json.loads((run / "results.json").read_text())
     assert data["identity"]["nonpositive_percent"]["mean"] == 0.0 and data["identity"]["log_jacobian_std"]["mean"] == 0

@@ -189,3 +189,11 @@ def test_pair_loss_adds_weighted_smoothness():
 def test_pair_loss_bad_similarity():
     with pytest.raises(ValueError, match="loss must be 'lncc' or 'mse', got 'ssim'"):
         PairLoss(2, "ssim")
+
+
+def test_similarity_name_takes_the_deprecated_loss_key_with_a_warning():
+    from custom.losses import similarity_name
+
+    assert similarity_name("lncc") == "lncc" and similarity_name("mse", None) == "mse"
+    with pytest.warns(FutureWarning, match="'loss' is deprecated .* use --similarity mse"):
+        assert similarity_name("lncc", "mse") == "mse"

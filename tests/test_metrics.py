@@ -160,3 +160,13 @@ def test_format_mean():
     summary = {"dice": {"mean": 0.81234, "std": 0.1, "n": 3}}
     assert format_mean(summary, "dice") == "0.812" and format_mean(summary, "dice", 2, sd=True) == "0.81 ± 0.10"
     assert format_mean(summary, "hd95") == "n/a"
+
+
+def test_pair_metrics_of_a_perfect_registration():
+    from custom.metrics import pair_metrics
+
+    labels = torch.zeros(12, 10, dtype=torch.int64)
+    labels[2:6, 2:6], labels[7:11, 3:9] = 1, 2
+    row = pair_metrics(labels, labels.clone(), torch.ones(12, 10))
+    assert row["dice"] == 1.0 and row["dice30"] == 1.0 and row["hd95"] == 0.0
+    assert row["folding"] == 0.0 and row["min_det"] == 1.0 and row["sdlogj"] == 0.0
