@@ -517,3 +517,45 @@ def test_short_amp_training_quiet_logs_epoch_length(tmp_path):
     assert "Iter:" not in log  # no line per iteration
     state = torch.load(latest_checkpoint(ws / "runs" / "train" / "checkpoints"), weights_only=True)
     assert state["trainer"]["iteration"] == 6 * 4 and state["trainer"]["epoch_length"] == 4
+
+
+META_FORMAT = "_meta_#network_data_format"
+NET_IN_OUT = [
+    # (spatial_dims, the declared size of "*", meta overrides): what verify_net_in_out exercises
+    (2, 1, {}),  # the declared 2D format, as the zoo's CI runs it
+    (2, 37, {}),  # an odd size: the network pads internally
+    (3, 9, {"inputs#image#spatial_shape": ["*"] * 3, "outputs#pred#spatial_shape": ["*"] * 3}),  # 3D format
+]
+
+
+@pytest.mark.parametrize("spatial_dims, size, meta", NET_IN_OUT)
+def test_metadata_shapes_are_what_the_network_takes(spatial_dims, size, meta):
+    """metadata.json declares any spatial size and one field channel per axis; MONAI's verify_net_in_out runs the
+    inference network on what it declares, in 2D and (with the 3D format) in 3D; a wrong channel count fails."""
+    from monai.bundle import verify_net_in_out
+
+    metadata = json.loads((REPO / "bundle" / "configs" / "metadata.json").read_text())
+    assert metadata["network_data_format"]["inputs"]["image"]["spatial_shape"] == ["*", "*"]
+    overrides = {f"{META_FORMAT}#{key}": value for key, value in meta.items()}
+    overrides[f"{META_FORMAT}#outputs#pred#num_channels"] = spatial_dims
+    common = dict(
+        net_id="network_def",
+        meta_file=str(REPO / "bundle" / "configs" / "metadata.json"),
+        config_file=str(REPO / "bundle" / "configs" / "inference.json"),
+        bundle_root=str(REPO / "bundle"),
+        spatial_dims=spatial_dims,
+        any=size,
+    )
+    verify_net_in_out(**common, **overrides)
+    overrides[f"{META_FORMAT}#outputs#pred#num_channels"] = spatial_dims + 1
+    with pytest.raises(ValueError, match=f"output channel number `{spatial_dims}` doesn't match"):
+        verify_net_in_out(**common, **overrides)
+
+
+def test_one_version_for_the_package_and_the_bundle():
+    """setup.cfg reads custom.__version__; metadata.json states it, with its changelog entry first."""
+    import custom
+
+    metadata = json.loads((REPO / "bundle" / "configs" / "metadata.json").read_text())
+    assert metadata["version"] == custom.__version__ == next(iter(metadata["changelog"]))
+    assert "version = attr: custom.__version__" in (REPO / "setup.cfg").read_text()
