@@ -11,17 +11,15 @@ Pairs: in 2D, slice ``z + offset`` (moving) to slice ``z`` (fixed) of each test 
 3D, test subjects to each other (``inter_subject``). Images are normalised as in training.
 """
 
-import importlib.util
 import json
 import os
-import time
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from custom.atomic import atomic_write_text
@@ -29,49 +27,31 @@ from custom.data.demo import ensure_dataset
 from custom.data.frames import SubjectFrames
 from custom.data.oasis import find_subjects
 from custom.data.pairs import PairDataset
-from custom.metrics import format_mean, jacobian_determinant, pair_metrics, summarize
+from custom.methods import MonaiVoxelMorph, ZeroField, ants_available, ants_register, network_method
+from custom.metrics import format_mean, pair_metrics, summarize
 from custom.networks import RegistrationNet
 from custom.pretrained import pretrained_path
 from custom.refine import RefineOptions, RefiningInferer
 from custom.runner import as_list, bundle_dir, train_run
 from custom.spatial import check_spatial_dims
-from custom.warp import SpatialTransformer
 
-__all__ = ["MonaiVoxelMorph", "aggregate", "ants_available", "ants_register", "run_accuracy", "to_markdown"]
+__all__ = ["aggregate", "pair_row", "run_accuracy", "to_markdown", "write_report"]
 
 VOLUME_SWEEP = ((60, 10, 0), (60, 20, 10), (60, 20, 20))
 """The refinement steps per level (a quarter, half and full resolution) tabulated in 3D besides the default."""
-COLUMNS = ("dice", "dice30", "hd95", "folding", "min_det", "sdlogj", "seconds", "wall_s", "cpu_s", "peak_rss_gib")
-
-
-class MonaiVoxelMorph(nn.Module):
-    """MONAI's ``VoxelMorph`` (default backbone, ``integration_steps=7``) as a bundle ``network_def``: one
-    ``(B, 2, *S)`` tensor in, the displacement out, so the bundle's trainer and inferer run it unchanged.
-
-    Args:
-        spatial_dims: 2 or 3.
-        integration_steps: MONAI's default 7.
-    """
-
-    def __init__(self, spatial_dims: int, integration_steps: int = 7) -> None:
-        super().__init__()
-        from monai.networks.nets import VoxelMorph
-
-        self.model = VoxelMorph(spatial_dims=check_spatial_dims(spatial_dims), integration_steps=integration_steps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``(B, 2, H, W[, D])`` (moving, fixed), any size (zero-padded to MONAI's multiple of 16 and
-        cropped back); returns ``(B, spatial_dims, H, W[, D])``."""
-        sizes = x.shape[2:]
-        pads = [p for n in reversed(sizes) for p in (0, -n % 16)]
-        padded = F.pad(x, pads)
-        ddf = self.model(padded[:, :1], padded[:, 1:])[1]
-        return ddf[(slice(None), slice(None)) + tuple(slice(0, n) for n in sizes)]
-
-
-def ants_available() -> bool:
-    """Whether ``antspyx`` is installed."""
-    return importlib.util.find_spec("ants") is not None
+COLUMNS = (
+    "dice_mean",
+    "dice_worst30",
+    "hd95_mean",
+    "nonpositive_percent",
+    "jacobian_min",
+    "log_jacobian_std",
+    "seconds",
+    "wall_s",
+    "cpu_s",
+    "peak_rss_gib",
+)
+"""The summarised columns of the per-pair rows (:func:`custom.metrics.pair_metrics` and the timings)."""
 
 
 def _trained_model(models: Path) -> Path:
@@ -112,40 +92,20 @@ def _load(net: nn.Module, path: Path, device: torch.device) -> nn.Module:
     return net.to(device).eval()
 
 
-def ants_register(moving: torch.Tensor, fixed: torch.Tensor, moving_label: torch.Tensor, transform: str, seed: int):
-    """ANTs registration of a pair ``(1, *S)`` each: ``(warped label, Jacobian determinant of its deformable warp,
-    seconds of the registration)``; ANTs' transform files are removed."""
-    import ants
+def pair_row(item: dict, warped_label: Optional[torch.Tensor] = None, det: Optional[torch.Tensor] = None, **extra):
+    """One pair's row of the table: its names, :func:`custom.metrics.pair_metrics` of the registration (no
+    registration when ``warped_label`` is not given: the moving labels and a unit determinant) and ``extra``
+    columns (timings).
 
-    f = ants.from_numpy(fixed[0].cpu().numpy().astype(np.float32))
-    m = ants.from_numpy(moving[0].cpu().numpy().astype(np.float32))
-    start = time.perf_counter()
-    reg = ants.registration(fixed=f, moving=m, type_of_transform=transform, random_seed=seed)
-    seconds = time.perf_counter() - start
-    label = ants.from_numpy(moving_label[0].cpu().numpy().astype(np.float32))
-    warped = ants.apply_transforms(f, label, reg["fwdtransforms"], interpolator="genericLabel")
-    jac = torch.from_numpy(ants.create_jacobian_determinant_image(f, reg["fwdtransforms"][0]).numpy())
-    for path in set(reg["fwdtransforms"] + reg["invtransforms"]):
-        if os.path.exists(path):
-            os.remove(path)
-    return torch.from_numpy(warped.numpy()).round().to(moving_label.dtype), jac, seconds
-
-
-def _network_method(net: nn.Module, inferer: RefiningInferer, device: torch.device):
-    warp_labels = SpatialTransformer("nearest")
-
-    def run(moving: torch.Tensor, fixed: torch.Tensor, moving_label: torch.Tensor):
-        pair = torch.cat([moving, fixed])[None].to(device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            ddf = inferer(pair, net)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        ddf = ddf.float().cpu()
-        return warp_labels(moving_label[None], ddf)[0, 0], jacobian_determinant(ddf)[0], seconds
-
-    return run
+    Args:
+        item: a pair with ``moving_id``, ``fixed_id``, ``moving_label`` and ``fixed_label`` ``(1, *S)``.
+        warped_label: the moving labels after registration.
+        det: the Jacobian determinant of the registration.
+    """
+    if warped_label is None:
+        warped_label, det = item["moving_label"][0], torch.ones(item["fixed_label"].shape[1:])
+    metrics = pair_metrics(det, warped_label, item["fixed_label"][0])
+    return {"moving": item["moving_id"], "fixed": item["fixed_id"], **metrics, **extra}
 
 
 def aggregate(rows: List[dict]) -> Dict[str, dict]:
@@ -156,20 +116,29 @@ def aggregate(rows: List[dict]) -> Dict[str, dict]:
 def to_markdown(results: Dict[str, dict], volumes: bool = False) -> str:
     """The table of :func:`run_accuracy`'s results; ``volumes``: the 3D benchmark's columns (minimum
     determinant, wall and CPU seconds, peak RSS)."""
+    cells = [("dice_mean", 3, True), ("dice_worst30", 3, False), ("hd95_mean", 2, False)]
     if volumes:
         head = "| method | Dice | Dice worst 30% | HD95 (vox) | % folding | min det | SDlogJ | wall s | CPU s "
         head += "| peak RSS GiB |"
-        cells = [("dice", 3, True), ("dice30", 3, False), ("hd95", 2, False), ("folding", 4, False)]
-        cells += [("min_det", 2, False), ("sdlogj", 3, False), ("wall_s", 1, False), ("cpu_s", 1, False)]
-        cells += [("peak_rss_gib", 2, False)]
+        cells += [("nonpositive_percent", 4, False), ("jacobian_min", 2, False), ("log_jacobian_std", 3, False)]
+        cells += [("wall_s", 1, False), ("cpu_s", 1, False), ("peak_rss_gib", 2, False)]
     else:
         head = "| method | Dice | Dice worst 30% | HD95 (vox) | % folding | SDlogJ | s/pair |"
-        cells = [("dice", 3, True), ("dice30", 3, False), ("hd95", 2, False), ("folding", 3, False)]
-        cells += [("sdlogj", 3, False), ("seconds", 3, False)]
+        cells += [("nonpositive_percent", 3, False), ("log_jacobian_std", 3, False), ("seconds", 3, False)]
     lines = [head, "|---" + "|---:" * len(cells) + "|"]
     for name, s in results.items():
         lines.append(f"| {name} | " + " | ".join(format_mean(s, key, digits, sd) for key, digits, sd in cells) + " |")
     return "\n".join(lines)
+
+
+def write_report(out: Path, header: str, results: Dict[str, dict], per_pair: Dict[str, List[dict]], volumes=False):
+    """Print the table and write ``<out>/accuracy.md`` (``header`` + table) and ``results.json`` (the summaries and
+    every pair's row); the path of ``accuracy.md``."""
+    table = to_markdown(results, volumes)
+    print(table, flush=True)
+    atomic_write_text(out / "accuracy.md", header + table + "\n")
+    atomic_write_text(out / "results.json", json.dumps({"summary": results, "pairs": per_pair}, indent=4) + "\n")
+    return out / "accuracy.md"
 
 
 def run_accuracy(
@@ -202,17 +171,14 @@ def run_accuracy(
     pairs_per_subject: int = 2,
     max_displacement: float = 4.0,
 ) -> Path:
-    """Train, register held-out pairs with every method, and write ``<output_dir>/accuracy.md`` and
-    ``results.json``; prints the table.
-
-    In 3D no network is trained: known-deformation pairs of the labelled subjects are registered back by the
-    shipped (or ``model_path``) network alone and with refinement, refinement alone and ANTs SyN, each in a process
-    of its own (:mod:`custom.accuracy_3d`); the options of the 2D training do not apply there.
+    """Train, register held-out pairs with every method, print the table and write it to
+    ``<output_dir>/accuracy.md`` (the path returned) with every pair's row in ``results.json``. In 3D no network is
+    trained: :mod:`custom.accuracy_3d` registers known-deformation pairs back with the shipped (or ``model_path``)
+    network, refinement and ANTs SyN.
 
     Args:
         dataset_dir: a neurite-OASIS-style root.
-        train_subjects: subject folders to train on (comma-separated or a list); default every subject not
-            tested.
+        train_subjects: subject folders to train on (comma-separated or a list); default every subject not tested.
         test_subjects: labelled subject folders to test on; default the last subject.
         output_dir: where models, the table and the per-pair results go.
         spatial_dims: 2 (slices) or 3 (volumes).
@@ -225,8 +191,8 @@ def run_accuracy(
         batch_size: training batch size.
         learning_rate: training learning rate.
         smooth_weight: training smoothness weight.
-        refine_steps: refinement step counts to tabulate (comma-separated or a list); default 5,10,25,50 in 2D; in
-            3D, where each may be one count per level, [[60,10,0],[60,20,10],[60,20,20]].
+        refine_steps: refinement step counts to tabulate (comma-separated or a list); default 5,10,25,50 in 2D,
+            in 3D one count per level: [[60,10,0],[60,20,10],[60,20,20]].
         refine_lr: refinement learning rate.
         refine_smooth_weight: refinement smoothness weight.
         default_refine_steps: the step count of the "refinement only, from zero" row.
@@ -235,157 +201,179 @@ def run_accuracy(
         threads: CPU threads for every method.
         device: ``cpu`` or ``cuda``; default CUDA when available.
         seed: training and ANTs seed.
-        pretrained: add the shipped pretrained model (synthetic data only, no training on these subjects), alone
-            and with ``default_refine_steps`` of refinement, when the bundle has one for ``spatial_dims`` and
-            ``variant``.
-        reuse_models: use ``<output_dir>/<name>/models/model.pt`` of an earlier run instead of training again
-            (the table then says so); the registrations and their timings are always measured anew.
+        pretrained: add the shipped pretrained model (synthetic data only), alone and with
+            ``default_refine_steps`` of refinement, when the bundle has one for ``spatial_dims`` and ``variant``.
+        reuse_models: use the models of an earlier run in ``output_dir`` instead of training again.
         model_path: 3D: our network's weights (default the shipped pretrained model of ``variant``).
-        pairs_per_subject: 3D: known deformations of each labelled test subject (default all labelled subjects).
+        pairs_per_subject: 3D: known deformations of each labelled test subject.
         max_displacement: 3D: standard deviation of the known deformations' velocity, in voxels.
-
-    Returns:
-        The path of ``accuracy.md``.
-
-    Raises:
-        ValueError / FileNotFoundError: for bad options or data.
     """
+    options = SimpleNamespace(**locals())
     if check_spatial_dims(spatial_dims) == 3:
-        from custom.accuracy_3d import run_volume_accuracy
+        return _run_volumes(options)
+    steps_list = _check_slice_options(options)
+    root, out, dev = Path(ensure_dataset(dataset_dir)), Path(output_dir), _use_threads(threads, device)
+    trains, tests = _split_subjects(root, image, as_list(train_subjects), as_list(test_subjects))
+    pairs = _test_pairs(options, _linked_root(out / "test_data", root, tests), tests)
+    print(f"{len(pairs)} test pairs from {tests}; training on {trains}", flush=True)
+    # the training root links to the training subjects only, so nothing of the test subjects is seen
+    common = _training_overrides(options, _linked_root(out / "train_data", root, trains), dev)
+    results, per_pair = _score(_methods(options, steps_list, common, dev), pairs)
+    return write_report(out, _slice_header(options, len(pairs), trains, tests), results, per_pair)
 
-        refine = {"lr": refine_lr, "smooth_weight": refine_smooth_weight}
-        return run_volume_accuracy(
-            dataset_dir,
-            test_subjects,
-            output_dir,
-            variant,
-            model_path,
-            image,
-            label,
-            pairs_per_subject,
-            max_displacement,
-            VOLUME_SWEEP if refine_steps is None else refine_steps,
-            refine,
-            peers,
-            threads,
-            seed,
-        )
-    steps_list = [int(s) for s in as_list((5, 10, 25, 50) if refine_steps is None else refine_steps)]
-    for steps in steps_list + [default_refine_steps]:
-        RefineOptions(steps, refine_lr, refine_smooth_weight)
-    peers = as_list(peers)
-    unknown = [p for p in peers if p not in ("monai", "ants")]
+
+def _slice_header(o: SimpleNamespace, num_pairs: int, trains: List[str], tests: List[str]) -> str:
+    """The title and legend of the 2D table."""
+    trained = "models of an earlier run" if o.reuse_models else f"{o.budget_minutes:g} min each"
+    return (
+        f"# Accuracy: {num_pairs} pairs of {tests}, trained on {trains} ({trained})\n\n"
+        f"2D, intra_volume pairs (offset {o.offset}); Dice over the labels of either map, mean ± sd over pairs; "
+        "worst 30%: the mean of each pair's lowest 30% label Dice; HD95 mean over labels, in voxels.\n\n"
+    )
+
+
+def _use_threads(threads: int, device: Optional[str]) -> torch.device:
+    """Every method's CPU threads (torch now, ITK when ANTs starts); the device, default CUDA when available."""
+    torch.set_num_threads(threads)
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _score(methods: Dict[str, Optional[Callable]], pairs: List[dict]):
+    """``(summaries, rows)`` per method: every pair registered and scored, the summary printed."""
+    results, per_pair = {}, {}
+    for name, method in methods.items():
+        per_pair[name] = [pair_row(item, **_register(method, item)) for item in pairs]
+        results[name] = aggregate(per_pair[name])
+        print(f"{name}: Dice {format_mean(results[name], 'dice_mean', 3, sd=True)}", flush=True)
+    return results, per_pair
+
+
+def _register(method: Optional[Callable], item: dict) -> dict:
+    """:func:`pair_row`'s keywords for one method on one pair: the warped labels, the determinant and the seconds;
+    none for no registration."""
+    if method is None:
+        return {}
+    warped_label, det, seconds = method(item["moving"], item["fixed"], item["moving_label"])
+    return {"warped_label": warped_label, "det": det, "seconds": seconds}
+
+
+def _run_volumes(o: SimpleNamespace) -> Path:
+    """The 3D benchmark (:func:`custom.accuracy_3d.run_volume_accuracy`) with ``run_accuracy``'s options."""
+    from custom.accuracy_3d import run_volume_accuracy
+
+    return run_volume_accuracy(
+        o.dataset_dir,
+        o.test_subjects,
+        o.output_dir,
+        o.variant,
+        o.model_path,
+        o.image,
+        o.label,
+        o.pairs_per_subject,
+        o.max_displacement,
+        VOLUME_SWEEP if o.refine_steps is None else o.refine_steps,
+        {"lr": o.refine_lr, "smooth_weight": o.refine_smooth_weight},
+        o.peers,
+        o.threads,
+        o.seed,
+    )
+
+
+def _check_slice_options(o: SimpleNamespace) -> List[int]:
+    """Check the 2D options before any work; the refinement step counts to tabulate."""
+    steps_list = [int(s) for s in as_list((5, 10, 25, 50) if o.refine_steps is None else o.refine_steps)]
+    for steps in steps_list + [o.default_refine_steps]:
+        RefineOptions(steps, o.refine_lr, o.refine_smooth_weight)
+    unknown = [p for p in as_list(o.peers) if p not in ("monai", "ants")]
     if unknown:
         raise ValueError(f"peers must be among ['monai', 'ants'], got {unknown}.")
-    if budget_minutes <= 0 or max_pairs < 1:
-        raise ValueError(f"budget_minutes must be > 0 and max_pairs >= 1, got {budget_minutes} and {max_pairs}.")
-    torch.set_num_threads(threads)
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)  # read when ANTs starts
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    root, out = Path(ensure_dataset(dataset_dir)), Path(output_dir)
+    if o.budget_minutes <= 0 or o.max_pairs < 1:
+        raise ValueError(f"budget_minutes must be > 0 and max_pairs >= 1, got {o.budget_minutes} and {o.max_pairs}.")
+    return steps_list
+
+
+def _split_subjects(root: Path, image: str, trains: List[str], tests: List[str]):
+    """``(train subjects, test subjects)``: the test subjects default to the last one, the training subjects to
+    every other.
+
+    Raises:
+        ValueError: unless both are non-empty, disjoint subjects of ``root``.
+    """
     every = [s["subject"] for s in find_subjects(root, image, None)]
-    tests = as_list(test_subjects) or every[-1:]
-    trains = as_list(train_subjects) or [s for s in every if s not in tests]
+    tests = tests or every[-1:]
+    trains = trains or [s for s in every if s not in tests]
     missing = [s for s in trains + tests if s not in every]
     if missing or set(trains) & set(tests) or not trains:
         raise ValueError(
             f"train and test subjects must be disjoint, non-empty subjects of {str(root)!r} (have {every}); "
             f"got train={trains}, test={tests}."
         )
+    return trains, tests
 
-    # the training root links to the training subjects only, so nothing of the test subjects is seen
-    train_root = _linked_root(out / "train_data", root, trains)
-    common = {
+
+def _test_pairs(o: SimpleNamespace, test_root: Path, tests: List[str]) -> List[dict]:
+    """At most ``max_pairs`` labelled intra-volume pairs of the test subjects, evenly spread, normalised as in
+    training."""
+    test_items = find_subjects(test_root, o.image, o.label)
+    if not test_items or "label" not in test_items[0]:
+        raise ValueError(f"the test subjects {tests} need a label map (label={o.label!r} found none common to them).")
+    dataset = PairDataset(SubjectFrames(test_items, 2), "intra_volume", o.seed, offset=o.offset)
+    picks = np.unique(np.linspace(0, len(dataset) - 1, min(o.max_pairs, len(dataset))).round().astype(int))
+    return [dataset[int(i)] for i in picks]
+
+
+def _training_overrides(o: SimpleNamespace, train_root: Path, device: torch.device) -> dict:
+    """The ``train.json`` overrides of both training runs (ours and MONAI's): the same data, loss and budget."""
+    return {
         "dataset_dir": str(train_root),
-        "spatial_dims": spatial_dims,
-        "variant": variant,
-        "image": image,
+        "spatial_dims": 2,
+        "variant": o.variant,
+        "image": o.image,
         "label": None,
         "num_val": 0,
         "num_test": 0,
-        "batch_size": batch_size,
+        "batch_size": o.batch_size,
         "epochs": 1_000_000,  # the wall-clock budget ends the run
-        "learning_rate": learning_rate,
-        "smooth_weight": smooth_weight,
-        "seed": seed,
-        "device": f"$torch.device('{dev}')",
+        "learning_rate": o.learning_rate,
+        "smooth_weight": o.smooth_weight,
+        "seed": o.seed,
+        "device": f"$torch.device('{device}')",
         "validate#dataset": "$custom.data.build_pair_dataset(split='all', **@dataset_options)",
     }
 
-    # the test pairs, normalised as in training
-    test_items = find_subjects(_linked_root(out / "test_data", root, tests), image, label)
-    if not test_items or "label" not in test_items[0]:
-        raise ValueError(f"the test subjects {tests} need a label map (label={label!r} found none common to them).")
-    strategy = "intra_volume" if spatial_dims == 2 else "inter_subject"
-    dataset = PairDataset(SubjectFrames(test_items, spatial_dims), strategy, seed, offset=offset)
-    picks = np.unique(np.linspace(0, len(dataset) - 1, min(max_pairs, len(dataset))).round().astype(int))
-    pairs = [dataset[int(i)] for i in picks]
-    print(f"{len(pairs)} test pairs from {tests}; training on {trains}", flush=True)
 
-    ours = _load(
-        RegistrationNet(spatial_dims, variant), _train("ours", common, out, budget_minutes, None, reuse_models), dev
-    )
+def _methods(o: SimpleNamespace, steps_list: List[int], common: dict, dev: torch.device) -> Dict[str, Callable]:
+    """The rows to measure, name -> ``method(moving, fixed, moving_label)`` (None: no registration); trains ours
+    and MONAI's ``VoxelMorph`` (or reuses an earlier run's)."""
+    out, budget = Path(o.output_dir), o.budget_minutes
+    ours = _load(RegistrationNet(2, o.variant), _train("ours", common, out, budget, None, o.reuse_models), dev)
+    default = RefiningInferer(o.default_refine_steps, o.refine_lr, o.refine_smooth_weight)
     methods: Dict[str, Callable] = {"identity (no registration)": None}
-    methods[f"ours ({variant})"] = _network_method(ours, RefiningInferer(0), dev)
+    methods[f"ours ({o.variant})"] = network_method(ours, RefiningInferer(0), dev)
     for steps in steps_list:
-        inferer = RefiningInferer(steps, refine_lr, refine_smooth_weight)
-        methods[f"ours + refine {steps} steps"] = _network_method(ours, inferer, dev)
-    default = RefiningInferer(default_refine_steps, refine_lr, refine_smooth_weight)
-    methods[f"refine {default_refine_steps} steps from zero (no network)"] = _network_method(_ZeroField(), default, dev)
-    if pretrained:
+        inferer = RefiningInferer(steps, o.refine_lr, o.refine_smooth_weight)
+        methods[f"ours + refine {steps} steps"] = network_method(ours, inferer, dev)
+    methods[f"refine {o.default_refine_steps} steps from zero (no network)"] = network_method(ZeroField(), default, dev)
+    if o.pretrained:
         try:
-            shipped = pretrained_path(bundle_dir(), spatial_dims, variant)
+            shipped = _load(RegistrationNet(2, o.variant), Path(pretrained_path(bundle_dir(), 2, o.variant)), dev)
         except FileNotFoundError as error:
             print(f"pretrained rows skipped: {error}", flush=True)
         else:
-            net = _load(RegistrationNet(spatial_dims, variant), Path(shipped), dev)
-            methods["pretrained, synthetic data only (no training here)"] = _network_method(
-                net, RefiningInferer(0), dev
+            methods["pretrained, synthetic data only (no training here)"] = network_method(
+                shipped, RefiningInferer(0), dev
             )
-            methods[f"pretrained + refine {default_refine_steps} steps"] = _network_method(net, default, dev)
-    if "monai" in peers:
-        network_def = {"_target_": "custom.accuracy.MonaiVoxelMorph", "spatial_dims": "@spatial_dims"}
-        path = _train("monai", common, out, budget_minutes, network_def, reuse_models)
-        monai_net = _load(MonaiVoxelMorph(spatial_dims), path, dev)
-        methods["MONAI VoxelMorph (same data and budget)"] = _network_method(monai_net, RefiningInferer(0), dev)
-    if "ants" in peers:
+            methods[f"pretrained + refine {o.default_refine_steps} steps"] = network_method(shipped, default, dev)
+    if "monai" in as_list(o.peers):
+        network_def = {"_target_": "custom.methods.MonaiVoxelMorph", "spatial_dims": "@spatial_dims"}
+        path = _train("monai", common, out, budget, network_def, o.reuse_models)
+        monai_net = _load(MonaiVoxelMorph(2), path, dev)
+        methods["MONAI VoxelMorph (same data and budget)"] = network_method(monai_net, RefiningInferer(0), dev)
+    if "ants" in as_list(o.peers):
         if ants_available():
-            methods[f"ANTs {ants_transform} (antspyx)"] = partial(ants_register, transform=ants_transform, seed=seed)
+            transform = o.ants_transform
+            methods[f"ANTs {transform} (antspyx)"] = partial(ants_register, transform=transform, seed=o.seed)
         else:
             print('ANTs row skipped: antspyx is not installed (pip install -e ".[peers]")', flush=True)
-
-    results: Dict[str, dict] = {}
-    per_pair: Dict[str, List[dict]] = {}
-    for name, method in methods.items():
-        rows = []
-        for item in pairs:
-            moving_label, fixed_label = item["moving_label"], item["fixed_label"]
-            if method is None:
-                warped_label, det, seconds = moving_label[0], torch.ones(moving_label.shape[1:]), 0.0
-            else:
-                warped_label, det, seconds = method(item["moving"], item["fixed"], moving_label)
-            row = {**pair_metrics(warped_label.reshape(fixed_label[0].shape), fixed_label[0], det), "seconds": seconds}
-            rows.append({"moving": item["moving_id"], "fixed": item["fixed_id"], **row})
-        per_pair[name] = rows
-        results[name] = aggregate(rows)
-        print(f"{name}: Dice {format_mean(results[name], 'dice', 3, sd=True)}", flush=True)
-
-    table = to_markdown(results)
-    trained = "models of an earlier run" if reuse_models else f"{budget_minutes:g} min each"
-    header = (
-        f"# Accuracy: {len(pairs)} pairs of {tests}, trained on {trains} ({trained})\n\n"
-        f"{spatial_dims}D, {strategy} pairs (offset {offset}); Dice over the labels of either map, mean ± sd over "
-        f"pairs; worst 30%: the mean of each pair's lowest 30% label Dice; HD95 mean over labels, in voxels.\n\n"
-    )
-    print(table, flush=True)
-    report = out / "accuracy.md"
-    atomic_write_text(report, header + table + "\n")
-    atomic_write_text(out / "results.json", json.dumps({"summary": results, "pairs": per_pair}, indent=4) + "\n")
-    return report
-
-
-class _ZeroField(nn.Module):
-    """A "network" that predicts no displacement: refinement from zero."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(x.shape[0], x.dim() - 2, *x.shape[2:])
+    return methods

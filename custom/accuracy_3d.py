@@ -23,13 +23,13 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from custom.accuracy import VOLUME_SWEEP, aggregate, ants_available, ants_register, to_markdown
-from custom.atomic import atomic_write_text
+from custom.accuracy import VOLUME_SWEEP, aggregate, pair_row, write_report
 from custom.data.demo import ensure_dataset
 from custom.data.frames import SubjectFrames
 from custom.data.oasis import find_subjects, resolve_label
 from custom.data.synth import known_deformation_pairs
-from custom.metrics import jacobian_determinant, pair_metrics
+from custom.methods import ants_available, ants_register
+from custom.metrics import jacobian_determinant
 from custom.networks import RegistrationNet
 from custom.refine import DEFAULTS, RefineOptions, RefiningInferer
 from custom.runner import as_list
@@ -194,27 +194,22 @@ def run_volume_accuracy(
             torch.save({k: item[k] for k in ("moving", "fixed", "moving_label")}, files[-1])
         for name, spec in methods.items():
             record = _run_method(spec, files, Path(work), threads) if spec else None
-            rows = []
-            for i, item in enumerate(pairs):
-                if record is None:
-                    warped, det, timing = item["moving_label"][0], torch.ones(item["moving"].shape[1:]), {}
-                else:
-                    output, timing = record["outputs"][i], record["pairs"][i]
-                    warped, det = output["warped_label"], output["det"]
-                metrics = pair_metrics(warped.reshape(item["fixed_label"][0].shape), item["fixed_label"][0], det)
-                rows.append({"moving": item["moving_id"], "fixed": item["fixed_id"], **metrics, **timing})
-                if record is not None:
-                    rows[-1]["peak_rss_gib"] = record["peak_rss_gib"]
-            per_pair[name], results[name] = rows, aggregate(rows)
+            per_pair[name] = [_row(item, record, i) for i, item in enumerate(pairs)]
+            results[name] = aggregate(per_pair[name])
             print(f"{name}: {json.dumps({k: round(v['mean'], 4) for k, v in results[name].items()})}", flush=True)
-    table = to_markdown(results, volumes=True)
     header = (
         f"# 3D accuracy: {len(pairs)} known-deformation pairs (velocity std {max_displacement} voxels) of the "
         f"labelled subjects of {dataset_dir}\n\nDice over every label, mean ± sd over pairs; worst 30%: the mean of "
         "each pair's lowest 30% label Dice; HD95 in voxels; wall and CPU seconds of the registration per pair; "
         f"peak RSS of the method's process; {threads} threads.\n\n"
     )
-    print(table, flush=True)
-    atomic_write_text(out / "accuracy.md", header + table + "\n")
-    atomic_write_text(out / "results.json", json.dumps({"summary": results, "pairs": per_pair}, indent=4) + "\n")
-    return out / "accuracy.md"
+    return write_report(out, header, results, per_pair, volumes=True)
+
+
+def _row(item: dict, record: Optional[dict], i: int) -> dict:
+    """Pair ``i``'s row: no registration without a ``record``, else the method's outputs, timings and peak RSS."""
+    if record is None:
+        return pair_row(item)
+    output = record["outputs"][i]
+    timing = {**record["pairs"][i], "peak_rss_gib": record["peak_rss_gib"]}
+    return pair_row(item, output["warped_label"], output["det"], **timing)

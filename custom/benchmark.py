@@ -13,6 +13,7 @@ Every row runs in its own process. Peak memory is the tensor memory of one train
 import multiprocessing as mp
 import platform
 import statistics
+import tempfile
 import time
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Union
@@ -31,6 +32,7 @@ __all__ = [
     "multiply_adds",
     "peak_memory_mb",
     "time_call",
+    "training_epochs",
 ]
 
 DEFAULT_SHAPES = {2: (160, 192), 3: (160, 192, 224)}
@@ -224,6 +226,62 @@ def measure_model(
     return _isolated(_measure_model, threads, name, spatial_dims, tuple(shape), batch_size, device, repeats)
 
 
+TRAINING_RECIPE = {"pair_strategy": "intra_volume", "num_val": 1, "num_test": 0}
+"""The training-epoch figure's split, fit for a small root such as the three real subjects of ``../shared``:
+slice pairs of one volume, one validation subject, no test subject; everything else is ``train.json``'s default."""
+MONAI_NETWORK = {"_target_": "custom.methods.MonaiVoxelMorph", "spatial_dims": "@spatial_dims"}
+
+
+def _training_epochs(network: str, dataset_dir: str, epochs: int, device: str, folder: str) -> dict:
+    """Train ``epochs`` epochs of the stock 2D ``train.json`` (with :data:`TRAINING_RECIPE`) on ``dataset_dir``,
+    our network or MONAI's ``VoxelMorph`` (``network="monai"``); medians over the epochs after the first."""
+    from custom.runner import train_run
+
+    out = f"{folder}/{network}"
+    overrides = {**TRAINING_RECIPE, "dataset_dir": dataset_dir, "epochs": epochs, "output_dir": f"{out}/train"}
+    overrides.update(ckpt_dir=f"{out}/models", device=f"$torch.device('{device}')")
+    if network == "monai":
+        overrides["network_def"] = MONAI_NETWORK
+    record = train_run(overrides, None)
+    later = slice(1, None) if record["epochs"] > 1 else slice(None)  # the first epoch warms up
+    epoch_s, step_s = statistics.median(record["epoch_s"][later]), statistics.median(record["epoch_step_s"][later])
+    return {"iterations": record["iterations"] // record["epochs"], "epoch_s": epoch_s, "steps_s": step_s}
+
+
+def training_epochs(dataset_dir: str, epochs: int = 3, device: str = "cpu", threads: int = 2) -> str:
+    """The "training epoch on real slices" table: seconds per epoch of the stock 2D training of our default network
+    and of MONAI's ``VoxelMorph`` (its defaults) on the same data, each in a fresh process, split into the training
+    iterations and the rest (validation, data, checkpoints).
+
+    Args:
+        dataset_dir: a neurite-OASIS-style root with at least three subjects (e.g. ``../shared/data/oasis_real``).
+        epochs: epochs per network (at least 2: the first is left out of the medians).
+        device: ``"cpu"`` or ``"cuda[:i]"``.
+        threads: CPU threads per process.
+    """
+    if epochs < 2:
+        raise ValueError(f"epochs must be >= 2 (the first epoch warms up), got {epochs}.")
+    rows = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for network in ("ours", "monai"):
+            rows[network] = _isolated(_training_epochs, threads, network, str(dataset_dir), epochs, device, folder)
+    lines = [
+        f"## Training epoch on real slices: {dataset_dir}, 2D, train.json defaults with {TRAINING_RECIPE}, "
+        f"median of epochs 2-{epochs}",
+        "",
+        "| model | iterations/epoch | s/epoch | training iterations s | validation, data and checkpoints s "
+        "| epoch speed-up |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    names = {"ours": "ours (both, train.json defaults)", "monai": "MONAI VoxelMorph (default, steps=7)"}
+    for network, r in rows.items():
+        lines.append(
+            f"| {names[network]} | {r['iterations']} | {r['epoch_s']:.2f} | {r['steps_s']:.2f} "
+            f"| {r['epoch_s'] - r['steps_s']:.2f} | {rows['monai']['epoch_s'] / r['epoch_s']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def benchmark(
     spatial_dims: int = 2,
     shape: Optional[Sequence[int]] = None,
@@ -233,6 +291,8 @@ def benchmark(
     repeats: Optional[int] = None,
     variants: Union[str, Sequence[str]] = VARIANTS,
     output: Optional[str] = None,
+    train_dataset: Optional[str] = None,
+    train_epochs: int = 3,
 ) -> str:
     """Measure the variants and MONAI's VoxelMorph, each in a fresh process: the markdown table (also written to
     ``output`` when given; the command line prints it).
@@ -246,6 +306,9 @@ def benchmark(
         repeats: timed repetitions (median) after a warm-up; default 5 (2D) or 1 (3D).
         variants: which of our variants to include (a list, or comma-separated).
         output: also write the table to this file.
+        train_dataset: 2D: also time training epochs on this root (:func:`training_epochs`), e.g. the real
+            subjects of ``../shared/data/oasis_real``.
+        train_epochs: epochs of each training run of ``train_dataset``.
 
     Returns:
         The tables of :func:`to_markdown`: ``{"models": [...], "blocks": [...]}`` rows (seconds, MiB) rendered.
@@ -260,6 +323,11 @@ def benchmark(
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise ValueError(f"unknown variants {bad}: expected a subset of {list(VARIANTS)}.")
+    if train_dataset and (spatial_dims != 2 or train_epochs < 2):
+        raise ValueError(
+            f"train_dataset times 2D training over train_epochs >= 2 (the first warms up); got spatial_dims="
+            f"{spatial_dims}, train_epochs={train_epochs}."
+        )
     models = [measure_model(n, spatial_dims, shape, batch, device, threads, repeats) for n in [*variants, *MONAI_ROWS]]
     blocks = _isolated(_measure_blocks, threads, spatial_dims, shape, batch, device, repeats)
     torch.set_num_threads(threads)
@@ -268,6 +336,8 @@ def benchmark(
         f"Machine: {machine_description(device)}. Speed-ups are against {next(iter(MONAI_ROWS))}."
     )
     table = to_markdown({"models": models, "blocks": blocks}, header)
+    if train_dataset:
+        table += "\n" + training_epochs(train_dataset, train_epochs, device, threads)
     if output:
         atomic_write_text(output, table)
     return table

@@ -6,10 +6,11 @@ input stop with one ``error:`` line and exit code 2.
 """
 
 import difflib
+import functools
 import inspect
 import sys
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import fire
 
@@ -29,11 +30,68 @@ def _evaluation_options(args: dict) -> dict:
     if not Path(args["model_path"]).is_file():
         raise FileNotFoundError(f"model file {args['model_path']!r} does not exist; train first or pass --model_path.")
     renamed = {"split": "eval_split", "output_dir": "eval_dir"}
-    skip = ("self", "num_pairs")
-    return {renamed.get(k, k): v for k, v in args.items() if k not in skip}
+    return {renamed.get(k, k): v for k, v in args.items() if k != "self"}
 
 
 INFERRED = ("model_path", "spatial_dims")  # left to the inference config when not given
+SPLIT_OPTIONS = (
+    "dataset_dir",
+    "model_path",
+    "spatial_dims",
+    "variant",
+    "integration_steps",
+    "split",
+    "image",
+    "label",
+    "pair_strategy",
+    "atlas",
+    "num_val",
+    "num_test",
+    "seed",
+)
+"""The model, split and data options of ``evaluate`` that ``plot`` takes too (the training run's)."""
+REFINE_OPTIONS = ("similarity", "loss", "refine_steps", "refine_lr", "refine_smooth_weight", "refine_levels")
+"""The refinement options of ``register`` that ``evaluate`` takes too (:class:`custom.refine.RefineOptions`)."""
+
+
+def _args_section(function: Callable, names: Sequence[str]) -> List[str]:
+    """The docstring lines of ``names`` in ``function``'s ``Args:`` (each with its continuation lines)."""
+    lines, keep = [], False
+    for line in (inspect.getdoc(function) or "").split("\n"):
+        entry = line.strip().split(":", 1)[0]
+        if line.startswith("    ") and not line.startswith("        "):
+            keep = entry in names
+        if keep:
+            lines.append(line)
+    return lines
+
+
+def with_options_of(source: Callable, names: Sequence[str], first: bool = True) -> Callable:
+    """Decorator: the command takes ``source``'s options ``names`` (declared and documented once, there) before its
+    own (after them unless ``first``) and receives them in its ``**options``; fire, ``--help`` and
+    :func:`check_arguments` read the combined signature and docstring."""
+
+    def decorate(command: Callable) -> Callable:
+        own = [p for p in inspect.signature(command).parameters.values() if p.kind != p.VAR_KEYWORD]
+        shared = [p for name, p in inspect.signature(source).parameters.items() if name in names]
+        lead = 1 if own and own[0].name == "self" else 0
+        ordered = own[:lead] + shared + own[lead:] if first else own + shared
+        signature = inspect.Signature(ordered, return_annotation=str)
+
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return command(**bound.arguments)
+
+        wrapper.__signature__ = signature
+        head, args = inspect.getdoc(command).split("Args:\n", 1)
+        borrowed = "\n".join(_args_section(source, names))
+        args = borrowed + "\n" + args if first else args.rstrip("\n") + "\n" + borrowed
+        wrapper.__doc__ = head + "Args:\n" + args
+        return wrapper
+
+    return decorate
 
 
 class Commands:
@@ -93,6 +151,7 @@ class Commands:
         run_workflow(["inference.json"], "run", {**options, "bundle_root": str(bundle_dir())})
         return output_dir
 
+    @with_options_of(register, REFINE_OPTIONS, first=False)
     def evaluate(
         self,
         dataset_dir: str = "data/demo",
@@ -109,12 +168,7 @@ class Commands:
         num_test: float = 0.2,
         seed: int = 0,
         output_dir: str = "runs/evaluate",
-        similarity: str = "lncc",
-        loss: Optional[str] = None,
-        refine_steps: Union[int, Sequence[int], None] = None,
-        refine_lr: float = 0.2,
-        refine_smooth_weight: float = 1.0,
-        refine_levels: Optional[Sequence[int]] = None,
+        **options,
     ) -> str:
         """Evaluate a trained model on a split: metrics.csv and summary.json/.md (LNCC, MSE, Dice, worst-30% Dice,
         HD95, folding, SDlogJ, seconds per pair). The split and model options must be the training run's.
@@ -134,57 +188,21 @@ class Commands:
             num_test: test subjects (fraction or count), as in training.
             seed: the split seed, as in training.
             output_dir: where the files go.
-            similarity: the training similarity (lncc or mse), used by the refinement.
-            loss: deprecated name of similarity.
-            refine_steps: test-time refinement steps per pair at most, one number for every level or one per level
-                (0: the network alone); default 10 in 2D, [60,10,5] in 3D.
-            refine_lr: refinement learning rate (voxels per step).
-            refine_smooth_weight: refinement smoothness weight.
-            refine_levels: the refinement's resolution divisors, coarse to fine; default [1] in 2D, [4,2,1] in 3D.
         """
-        options = _evaluation_options(locals())
+        options = _evaluation_options({**{k: v for k, v in locals().items() if k != "options"}, **options})
         run_workflow(["train.json", "evaluate.json"], "evaluating", options)
         return str(Path(output_dir) / "summary.md")
 
-    def plot(
-        self,
-        dataset_dir: str = "data/demo",
-        model_path: str = "bundle/models/model.pt",
-        spatial_dims: int = 2,
-        variant: str = "both",
-        integration_steps: int = 0,
-        split: str = "test",
-        image: str = "aligned_norm",
-        label: Optional[str] = "auto",
-        pair_strategy: str = "inter_subject",
-        atlas: Optional[str] = None,
-        num_val: float = 0.2,
-        num_test: float = 0.2,
-        seed: int = 0,
-        output_dir: str = "runs/plots",
-        num_pairs: int = 4,
-    ) -> str:
+    @with_options_of(evaluate, SPLIT_OPTIONS)
+    def plot(self, output_dir: str = "runs/plots", num_pairs: int = 4, **options) -> str:
         """Draw the 3x4 registration grid, a deformation grid and a Jacobian map for pairs of a split (the
         network's fields, no refinement).
 
         Args:
-            dataset_dir: a neurite-OASIS-style root.
-            model_path: the trained weights.
-            spatial_dims: 2 or 3, as the model was trained.
-            variant: the model's variant.
-            integration_steps: the model's integration steps.
-            split: test, val, train or all.
-            image: the image file of each subject.
-            label: the label file, "auto" or None.
-            pair_strategy: inter_subject, atlas, intra_volume or orig_to_norm.
-            atlas: the fixed subject for pair_strategy atlas.
-            num_val: validation subjects (fraction or count), as in training.
-            num_test: test subjects (fraction or count), as in training.
-            seed: the split seed, as in training.
             output_dir: where the PNGs go.
             num_pairs: columns of the grid.
         """
-        options = _evaluation_options(locals())
+        options = _evaluation_options({**options, "output_dir": output_dir})
         run_workflow(["train.json", "evaluate.json"], "display", {**options, "plot_pairs": num_pairs})
         return output_dir
 

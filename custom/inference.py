@@ -21,9 +21,10 @@ from typing import Callable, Dict, List, Optional, Union
 import nibabel as nib
 import numpy as np
 import torch
+from nibabel.filebasedimages import ImageFileError
 
 from custom.data.oasis import IMAGE_FILES
-from custom.data.transforms import ScaleForegroundd
+from custom.data.transforms import pair_transforms
 from custom.interop import check_itk_affine
 from custom.spatial import check_spatial_dims
 
@@ -151,7 +152,7 @@ def infer_spatial_dims(
     try:
         first = list_pairs(moving, fixed, None, pairs, dataset_dir)[0]["fixed"]
         return 3 if _dims(nib.load(first).shape) >= 3 else 2
-    except Exception:
+    except (ValueError, OSError, ImageFileError):  # reported with the file's name when the pairs are loaded
         return 2
 
 
@@ -190,8 +191,8 @@ def _same_geometry(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 class RegistrationPairs(torch.utils.data.Dataset):
-    """NIfTI pairs for inference: each item has ``moving`` and ``fixed`` ``(1, *S)`` normalised exactly as in
-    training (:class:`~custom.data.transforms.ScaleForegroundd`), the raw moving intensities ``moving_raw``,
+    """NIfTI pairs for inference: each item has ``moving`` and ``fixed`` ``(1, *S)`` read and normalised exactly as
+    in training (:func:`~custom.data.transforms.pair_transforms`), the raw moving intensities ``moving_raw``,
     optional ``moving_label``, the file paths and the output ``name``.
 
     Construction does no I/O (errors surface when the run starts); :meth:`validate` checks every input.
@@ -222,7 +223,7 @@ class RegistrationPairs(torch.utils.data.Dataset):
         self.resample = bool(resample)
         self.itk_geometry = bool(itk_geometry)
         self._pairs: Optional[List[Dict[str, str]]] = None
-        self.normalise = ScaleForegroundd(["moving", "fixed"])
+        self._transforms = {label: pair_transforms(self.spatial_dims, label, self.resample) for label in (False, True)}
 
     @property
     def pairs(self) -> List[Dict[str, str]]:
@@ -299,43 +300,8 @@ class RegistrationPairs(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def _load(self, path: str, dtype, reference: Optional[nib.Nifti1Image] = None) -> torch.Tensor:
-        """``(1, *S)``; resampled onto ``reference``'s grid when one is given and the grids differ."""
-        image = nib.load(path)
-        data = np.asarray(image.dataobj, dtype=dtype)
-        if reference is not None and not (
-            data.shape == reference.shape and _same_geometry(image.affine, reference.affine)
-        ):
-            data = self._resample(data, image.affine, reference, nearest=np.issubdtype(dtype, np.integer))
-        data = data.reshape(_spatial(data.shape, self.spatial_dims, path, "image"))
-        return torch.from_numpy(np.ascontiguousarray(data))[None]
-
-    @staticmethod
-    def _resample(data: np.ndarray, affine: np.ndarray, reference: nib.Nifti1Image, nearest: bool) -> np.ndarray:
-        from monai.data import MetaTensor
-        from monai.transforms import ResampleToMatch
-
-        def as_3d(array: np.ndarray) -> np.ndarray:
-            return array.reshape(array.shape + (1,) * (3 - array.ndim))
-
-        src = MetaTensor(torch.from_numpy(as_3d(data).astype(np.float32))[None], affine=torch.as_tensor(affine))
-        dst = MetaTensor(torch.zeros((1,) + as_3d(np.empty(reference.shape)).shape), affine=reference.affine)
-        out = ResampleToMatch(mode="nearest" if nearest else "bilinear", padding_mode="zeros")(src, dst)
-        return np.asarray(out[0]).astype(data.dtype).reshape(reference.shape)
-
     def __getitem__(self, i: int) -> dict:
         item = self.pairs[i]
-        reference = nib.load(item["fixed"]) if self.resample else None
-        moving = self._load(item["moving"], np.float32, reference)
-        out = {
-            "moving": moving,
-            "fixed": self._load(item["fixed"], np.float32),
-            "moving_raw": moving,
-            "moving_path": item["moving"],
-            "fixed_path": item["fixed"],
-            "label_path": item.get("moving_label", ""),
-            "name": self.names[i],
-        }
-        if "moving_label" in item:
-            out["moving_label"] = self._load(item["moving_label"], np.int32, reference)
-        return self.normalise(out)
+        out = self._transforms["moving_label" in item](dict(item))
+        out.update(moving_path=item["moving"], fixed_path=item["fixed"], label_path=item.get("moving_label", ""))
+        return {**out, "name": self.names[i]}

@@ -26,8 +26,15 @@ __all__ = [
     "worst_mean",
 ]
 
+Labels = Optional[Sequence[int]]
+"""Labels to score; ``None``: every non-zero label of either map."""
+Spacing = Optional[Sequence[float]]
+"""Voxel size per axis; ``None``: distances in voxels."""
+Scores = Dict[int, float]
+"""A score per label."""
 
-def _labels(pred: torch.Tensor, target: torch.Tensor, labels: Optional[Sequence[int]]) -> Sequence[int]:
+
+def _labels(pred: torch.Tensor, target: torch.Tensor, labels: Labels) -> Sequence[int]:
     if pred.shape != target.shape:
         raise ValueError(f"label maps must have the same shape, got {list(pred.shape)} and {list(target.shape)}.")
     if labels is None:
@@ -35,9 +42,7 @@ def _labels(pred: torch.Tensor, target: torch.Tensor, labels: Optional[Sequence[
     return labels
 
 
-def dice_per_label(
-    pred: torch.Tensor, target: torch.Tensor, labels: Optional[Sequence[int]] = None
-) -> Dict[int, float]:
+def dice_per_label(pred: torch.Tensor, target: torch.Tensor, labels: Labels = None) -> Scores:
     """Dice overlap of each label between two label maps.
 
     Args:
@@ -76,12 +81,7 @@ def _crop_to_union(p: torch.Tensor, t: torch.Tensor):
     return p[box], t[box]
 
 
-def hd95_per_label(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    labels: Optional[Sequence[int]] = None,
-    spacing: Optional[Sequence[float]] = None,
-) -> Dict[int, float]:
+def hd95_per_label(pred: torch.Tensor, target: torch.Tensor, labels: Labels = None, spacing: Spacing = None) -> Scores:
     """Symmetric 95th-percentile Hausdorff distance between the surfaces of each label (MONAI's
     ``compute_hausdorff_distance(percentile=95)``).
 
@@ -128,12 +128,7 @@ def worst_mean(scores: Dict[int, float], fraction: float = 0.3) -> float:
     return sum(worst) / len(worst)
 
 
-def label_scores(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    labels: Optional[Sequence[int]] = None,
-    spacing: Optional[Sequence[float]] = None,
-) -> Dict[str, float]:
+def label_scores(pred: torch.Tensor, target: torch.Tensor, labels: Labels = None, spacing: Spacing = None) -> dict:
     """The label metrics papers report for one pair.
 
     Args:
@@ -198,33 +193,46 @@ def folding_stats(det: torch.Tensor) -> Dict[str, float]:
 
     Returns:
         ``nonpositive_percent``: % of voxels with Jacobian determinant ``<= 0`` (% folding);
+        ``jacobian_min``: the smallest determinant;
         ``log_jacobian_std``: SDlogJ, the standard deviation of ``log(J)`` over voxels with ``J > 0``.
     """
     positive = det[det > 0]
     return {
         "nonpositive_percent": 100.0 * float((det <= 0).float().mean()),
+        "jacobian_min": float(det.min()),
         "log_jacobian_std": float(positive.log().std()) if positive.numel() > 1 else float("nan"),
     }
 
 
-def pair_metrics(warped_label: torch.Tensor, fixed_label: torch.Tensor, det: torch.Tensor) -> dict:
-    """Dice (mean over the labels of either map), worst-30% Dice, mean HD95, % folding, minimum Jacobian
-    determinant and SDlogJ of one pair.
+def pair_metrics(
+    det: torch.Tensor,
+    warped_label: Optional[torch.Tensor] = None,
+    fixed_label: Optional[torch.Tensor] = None,
+    labels: Optional[Sequence[int]] = None,
+) -> Dict[str, float]:
+    """The one per-pair metrics row of evaluation (``metrics.csv``), ``accuracy`` and ``study``: the
+    :func:`folding_stats` of the transform and, given label maps, their :func:`label_scores`.
 
     Args:
-        warped_label: ``(H, W[, D])`` integer labels of the moving image after registration.
-        fixed_label: ``(H, W[, D])``.
         det: the Jacobian determinant of the transform, any shape.
+        warped_label: the integer labels of the moving image after registration, reshaped to ``fixed_label``'s
+            shape (a tool may return them with other singleton axes).
+        fixed_label: ``(H, W[, D])`` integer labels of the fixed image.
+        labels: labels to score; default every non-zero label of either map.
+
+    Raises:
+        ValueError: when only one label map is given, or their sizes differ.
     """
-    scores, stats = label_scores(warped_label, fixed_label), folding_stats(det)
-    return {
-        "dice": scores["dice_mean"],
-        "dice30": scores["dice_worst30"],
-        "hd95": scores["hd95_mean"],
-        "folding": stats["nonpositive_percent"],
-        "min_det": float(det.min()),
-        "sdlogj": stats["log_jacobian_std"],
-    }
+    row = folding_stats(det)
+    if (warped_label is None) != (fixed_label is None):
+        raise ValueError("pair_metrics needs both label maps (warped moving and fixed) or neither.")
+    if warped_label is not None:
+        if warped_label.numel() != fixed_label.numel():
+            raise ValueError(
+                f"label maps must have the same size, got {list(warped_label.shape)} and {list(fixed_label.shape)}."
+            )
+        row.update(label_scores(warped_label.reshape(fixed_label.shape), fixed_label, labels))
+    return row
 
 
 def summarize(rows: Sequence[Dict[str, float]], keys: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:

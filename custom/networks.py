@@ -225,23 +225,16 @@ class VxmDense(nn.Module):
     Args:
         spatial_dims: 2 or 3.
         variant: one of ``"baseline"``, ``"maxpool"``, ``"reduced"``, ``"both"``.
-        enc_channels: see :class:`RegistrationNet`.
-        dec_channels: see :class:`RegistrationNet`.
-        integration_steps: see :class:`RegistrationNet`.
         padding_mode: padding of the spatial transformer, ``"zeros"`` (VoxelMorph) or ``"border"``.
+        network_options: the other options of :class:`RegistrationNet` (``enc_channels``, ``dec_channels``,
+            ``integration_steps``), by name.
     """
 
     def __init__(
-        self,
-        spatial_dims: int,
-        variant: str = "baseline",
-        enc_channels: Sequence[int] = VXM2_ENC_CHANNELS,
-        dec_channels: Sequence[int] = VXM2_DEC_CHANNELS,
-        integration_steps: int = 0,
-        padding_mode: str = "zeros",
+        self, spatial_dims: int, variant: str = "baseline", padding_mode: str = "zeros", **network_options
     ) -> None:
         super().__init__()
-        self.net = RegistrationNet(spatial_dims, variant, enc_channels, dec_channels, integration_steps)
+        self.net = RegistrationNet(spatial_dims, variant, **network_options)
         self.transformer = SpatialTransformer("bilinear", padding_mode)
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ Jacobian map and ``pairs_out.csv`` (the file names are described in :mod:`custom
 import csv
 import io
 import os
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Union
 
@@ -78,11 +79,14 @@ class RegistrationWriter:
             FileExistsError: for outputs of an earlier run.
         """
         folder = next((p for p in [self.output_dir, *self.output_dir.parents] if p.exists()), Path("."))
-        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        try:  # a real write: permission bits say nothing for root, a read-only mount or a full disk
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
             raise ValueError(
                 f"cannot write to the output folder {str(self.output_dir)!r}: {str(folder)!r} is not a writable "
-                "folder."
-            )
+                f"folder ({error.strerror or error})."
+            ) from None
         if self.overwrite:
             return
         paths = [self.output_dir / "pairs_out.csv"]
@@ -101,12 +105,13 @@ class RegistrationWriter:
         header.set_data_dtype(dtype)
         return nib.Nifti1Image(array.numpy().astype(dtype).reshape(reference.shape), reference.affine, header)
 
-    def _write_pair(self, item: dict, ddf: torch.Tensor) -> Dict[str, str]:
-        """Write one pair's files under temporary names, then rename them all; returns its ``pairs_out.csv`` row."""
+    def _write_pair(self, item: dict, ddf: torch.Tensor, warped: torch.Tensor) -> Dict[str, str]:
+        """Write one pair's files (``warped``: the moving image in its own intensities, warped) under temporary
+        names, then rename them all; returns its ``pairs_out.csv`` row."""
         fixed = nib.load(item["fixed_path"])
         paths = self._outputs(item["name"], ddf.shape[1], "moving_label" in item)
         with torch.no_grad():
-            images = {"warped": self._image(self.warp(item["moving_raw"][None].float(), ddf)[0, 0], fixed, np.float32)}
+            images = {"warped": self._image(warped, fixed, np.float32)}
             if "moving_label" in item:
                 label = self.warp_labels(torch.as_tensor(item["moving_label"])[None], ddf)[0, 0]
                 images["warped_label"] = self._image(label, fixed, np.int32)
@@ -135,19 +140,17 @@ class RegistrationWriter:
             **({"jacobian": paths["jacobian"].name} if self.jacobian else {}),
         }
 
-    @staticmethod
-    def _lncc(moving: torch.Tensor, fixed: torch.Tensor) -> float:
-        return -float(LocalNCCLoss(fixed.dim() - 2)(moving, fixed))
-
     def __call__(self, engine: Engine) -> None:
         items, outputs = decollated(engine)
         for item, output in zip(items, outputs):
             ddf = torch.as_tensor(output["pred"]).float()[None].cpu()
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            row = self._write_pair(item, ddf)
             moving, fixed = (torch.as_tensor(item[k])[None].float().cpu() for k in ("moving", "fixed"))
-            with torch.no_grad():
-                before, after = self._lncc(moving, fixed), self._lncc(self.warp(moving, ddf), fixed)
+            with torch.no_grad():  # one warp of both: the raw intensities are written, the normalised ones scored
+                warped = self.warp(torch.cat([torch.as_tensor(item["moving_raw"])[None].float(), moving], 1), ddf)
+                lncc = LocalNCCLoss(ddf.shape[1])
+                before, after = -float(lncc(moving, fixed)), -float(lncc(warped[:, 1:], fixed))
+            row = self._write_pair(item, ddf, warped[0, 0])
             files = ", ".join(row[k] for k in ("warped", "ddf", "warped_label", "jacobian") if row.get(k))
             print(f"{item['name']}: LNCC {before:.3f} -> {after:.3f}; wrote {files} in {self.output_dir}", flush=True)
             self.rows.append(row)

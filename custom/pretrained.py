@@ -22,7 +22,7 @@ from custom.atomic import atomic_path, atomic_write_text
 from custom.networks import VARIANTS
 from custom.spatial import check_spatial_dims
 
-__all__ = ["MANIFEST", "load_pretrained", "pretrain", "pretrained_path", "read_manifest", "sha256"]
+__all__ = ["MANIFEST", "load_pretrained", "pretrain", "pretrained_path", "read_manifest", "sha256", "ship"]
 
 MANIFEST = "large_files.yml"
 PathLike = Union[str, Path]
@@ -165,11 +165,28 @@ def pretrain(
     start = time.perf_counter()
     record = train_run(overrides, minutes, max_steps)
     wall = time.perf_counter() - start
-    relative = _relative(spatial_dims, variant)
-    target = root / relative
-    best = out / "models" / "model.pt"  # best validation score; the last state when no validation ran
+    return ship(root, _relative(spatial_dims, variant), out / "models", record, wall, seed, started_from)
+
+
+def ship(
+    root: Path, relative: str, models: Path, record: dict, wall: float, seed: int, started_from: Optional[str]
+) -> str:
+    """Copy a training run's model into the bundle (atomically) and record it in the manifest: the sha256, the
+    command that made it and how to reproduce it, the seed, steps, epochs and wall time; the file's path.
+
+    Args:
+        root: the bundle folder.
+        relative: the file's path in the bundle (``models/pretrained_<N>d_<variant>.pt``).
+        models: the run's checkpoint folder: its best model (``model.pt``), or the last state (``model_final.pt``)
+            when no validation ran.
+        record: the run's :func:`custom.runner.train_run` record.
+        wall: the run's seconds.
+        seed: the run's seed.
+        started_from: the sha256 of the weights it was fine-tuned from, if any.
+    """
+    target, best = root / relative, models / "model.pt"
     with atomic_path(target, suffix=".pt") as tmp:
-        shutil.copyfile(best if best.is_file() else out / "models" / "model_final.pt", tmp)
+        shutil.copyfile(best if best.is_file() else models / "model_final.pt", tmp)
     entry = {
         "path": relative,
         "url": "",

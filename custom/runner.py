@@ -81,22 +81,31 @@ def bundle_workflow(configs: Sequence[str], run_id: str, overrides: dict):
 
 
 def train_run(overrides: dict, max_minutes: Optional[float], max_steps: Optional[int] = None) -> dict:
-    """Train one run, for at most ``max_minutes`` of wall clock and ``max_steps`` iterations; returns wall time,
-    mean seconds per iteration, iterations and the per-epoch loss curve."""
+    """Train one run, for at most ``max_minutes`` of wall clock and ``max_steps`` iterations.
+
+    Returns:
+        ``train_s`` (the run's wall time), ``step_s`` (mean seconds per iteration after the first), ``curve`` (the
+        mean loss of each epoch), ``epochs``, ``iterations``, and per epoch ``epoch_s`` (wall seconds, the
+        validation that ends it included) and ``epoch_step_s`` (the seconds of its training iterations).
+    """
     workflow = bundle_workflow(["train.json"], "training", overrides)
     workflow.initialize()
     trainer = workflow.parser.get_parsed_content("train#trainer")
-    record = {"step_s": [], "losses": [], "curve": []}
-    started = [0.0]
-    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: started.__setitem__(0, time.perf_counter()))
+    record = {"step_s": [], "losses": [], "curve": [], "epoch_s": [], "epoch_step_s": []}
+    started = {"step": 0.0, "epoch": 0.0, "steps": 0}
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: started.update(step=time.perf_counter()))
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: started.update(epoch=time.perf_counter(), steps=0))
 
     def _done(engine):
-        record["step_s"].append(time.perf_counter() - started[0])
+        record["step_s"].append(time.perf_counter() - started["step"])
         record["losses"].append(iteration_loss(engine))
+        started["steps"] += 1
 
-    def _epoch(engine):
+    def _epoch(engine):  # attached after the configs' handlers: runs after the epoch's validation
         record["curve"].append(sum(record["losses"]) / max(len(record["losses"]), 1))
         record["losses"].clear()
+        record["epoch_s"].append(time.perf_counter() - started["epoch"])
+        record["epoch_step_s"].append(sum(record["step_s"][-started["steps"] :]) if started["steps"] else 0.0)
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED, _done)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, _epoch)
@@ -115,6 +124,8 @@ def train_run(overrides: dict, max_minutes: Optional[float], max_steps: Optional
         "curve": record["curve"],
         "epochs": len(record["curve"]),
         "iterations": trainer.state.iteration,
+        "epoch_s": record["epoch_s"],
+        "epoch_step_s": record["epoch_step_s"],
     }
 
 

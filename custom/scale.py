@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from custom.atomic import atomic_write_text
 from custom.benchmark import machine_description
@@ -177,16 +177,7 @@ def run_scale(
     Raises:
         ValueError: an unknown mode, dimensionality or process count.
     """
-    dims, mode_list, rank_list = (
-        [int(d) for d in as_list(spatial_dims)],
-        as_list(modes),
-        [int(r) for r in as_list(ranks)],
-    )
-    for name, values, allowed in (("spatial_dims", dims, (2, 3)), ("modes", mode_list, SCALE_MODES)):
-        if not values or any(v not in allowed for v in values):
-            raise ValueError(f"{name} must be a subset of {allowed}, got {values!r}.")
-    if not rank_list or min(rank_list) < 1:
-        raise ValueError(f"ranks must be process counts >= 1, got {rank_list!r}.")
+    dims, mode_list, rank_list = _check_scale_options(spatial_dims, modes, ranks)
     out = Path(output_dir)
     if source is None:
         source = str(out / "generated")
@@ -195,40 +186,14 @@ def run_scale(
     root = out / f"release_{subjects}"
     if not root.is_dir():
         link_release(root, source, subjects)
-    configs = bundle_dir() / "configs"
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
     rows = []
     for nd in dims:
         cache_dir = out / f"cache_{nd}d"
         for nproc in rank_list:
             for mode in mode_list:
-                cache = mode.split("-")[0]
                 if mode == "disk-cold":
                     shutil.rmtree(cache_dir, ignore_errors=True)
-                name = f"{nd}d_{mode}_{nproc}rank"
-                run_dir = out / "runs" / name
-                shutil.rmtree(run_dir, ignore_errors=True)
-                files = [str(configs / "train.json")] + ([str(configs / "multi_gpu_train.json")] if nproc > 1 else [])
-                launcher = (
-                    [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
-                    if nproc > 1
-                    else [sys.executable]
-                )
-                cmd = launcher + ["-m", "monai.bundle", "run", "training", "--config_file", repr(files)]
-                cmd += ["--bundle_root", str(bundle_dir()), "--dataset_dir", str(root), "--spatial_dims", str(nd)]
-                cmd += ["--output_dir", str(run_dir), "--ckpt_dir", str(run_dir / "models"), "--cache", cache]
-                cmd += ["--cache_dir", str(cache_dir), "--num_workers", str(num_workers), "--epochs", "1"]
-                cmd += ["--epoch_length", str(epoch_length), "--val_interval", "2", "--batch_size", str(BATCH[nd])]
-                print(f"{name}: running", flush=True)
-                result = _run(cmd, env, out / "logs" / f"{name}.log")
-                result.update(
-                    spatial_dims=nd,
-                    mode=mode,
-                    ranks=nproc,
-                    cache_mib=_folder_bytes(cache_dir) / 2**20 if cache == "disk" else 0.0,
-                )
-                rows.append(result)
-                print(f"{name}: {_row(result)}", flush=True)
+                rows.append(_scale_run(out, root, cache_dir, nd, mode, nproc, epoch_length, num_workers))
         if not keep_cache:
             shutil.rmtree(cache_dir, ignore_errors=True)
     header = (
@@ -244,6 +209,46 @@ def run_scale(
     print(table)
     atomic_write_text(out / "scale.md", table)
     return table
+
+
+def _check_scale_options(spatial_dims, modes, ranks) -> Tuple[List[int], List[str], List[int]]:
+    """The dimensionalities, cache modes and process counts as lists, checked before any work.
+
+    Raises:
+        ValueError: an unknown mode, dimensionality or process count.
+    """
+    dims, mode_list, rank_list = (
+        [int(d) for d in as_list(spatial_dims)],
+        as_list(modes),
+        [int(r) for r in as_list(ranks)],
+    )
+    for name, values, allowed in (("spatial_dims", dims, (2, 3)), ("modes", mode_list, SCALE_MODES)):
+        if not values or any(v not in allowed for v in values):
+            raise ValueError(f"{name} must be a subset of {allowed}, got {values!r}.")
+    if not rank_list or min(rank_list) < 1:
+        raise ValueError(f"ranks must be process counts >= 1, got {rank_list!r}.")
+    return dims, mode_list, rank_list
+
+
+def _scale_run(out: Path, root: Path, cache_dir: Path, nd: int, mode: str, nproc: int, epoch_length, workers) -> dict:
+    """One training run (``nproc`` processes, ``torchrun`` when more than one) of ``root`` with one cache mode: its
+    start-up, wall time, peak memory and disk cache size, printed as a table row."""
+    name, cache, configs = f"{nd}d_{mode}_{nproc}rank", mode.split("-")[0], bundle_dir() / "configs"
+    run_dir = out / "runs" / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    files = [str(configs / "train.json")] + ([str(configs / "multi_gpu_train.json")] if nproc > 1 else [])
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    cmd = (launcher or [sys.executable]) + ["-m", "monai.bundle", "run", "training", "--config_file", repr(files)]
+    cmd += ["--bundle_root", str(bundle_dir()), "--dataset_dir", str(root), "--spatial_dims", str(nd)]
+    cmd += ["--output_dir", str(run_dir), "--ckpt_dir", str(run_dir / "models"), "--cache", cache]
+    cmd += ["--cache_dir", str(cache_dir), "--num_workers", str(workers), "--epochs", "1"]
+    cmd += ["--epoch_length", str(epoch_length), "--val_interval", "2", "--batch_size", str(BATCH[nd])]
+    print(f"{name}: running", flush=True)
+    result = _run(cmd, dict(os.environ, PYTHONWARNINGS="ignore"), out / "logs" / f"{name}.log")
+    cache_mib = _folder_bytes(cache_dir) / 2**20 if cache == "disk" else 0.0
+    result.update(spatial_dims=nd, mode=mode, ranks=nproc, cache_mib=cache_mib)
+    print(f"{name}: {_row(result)}", flush=True)
+    return result
 
 
 def _row(r: dict) -> str:

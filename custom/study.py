@@ -10,6 +10,7 @@ import shlex
 import sys
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -130,7 +131,29 @@ def run_study(
     Returns:
         The report path.
     """
-    spatial_dims = check_spatial_dims(spatial_dims)
+    options = SimpleNamespace(**locals())
+    variants, losses = _check_study_options(spatial_dims, variants, losses, epochs)
+    device = options.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(threads)
+    run_dir = Path(output_dir) / (run_name or datetime.now().strftime("study-%Y%m%d-%H%M%S"))
+    common = _study_overrides(options)
+    identity = _identity(common, run_dir / "identity", eval_split, spatial_dims)
+    rows: List[dict] = []
+    curves: Dict[str, Dict[str, List[float]]] = {}
+    for loss in losses:
+        for variant in variants:
+            rows.append(_study_run(options, common, run_dir / loss / variant, loss, variant))
+            curves.setdefault(loss, {})[variant] = rows[-1]["curve"]
+    return _write_report(run_dir, rows, identity, curves, spatial_dims, device, memory_budget_mb)
+
+
+def _check_study_options(spatial_dims: int, variants, losses, epochs: int):
+    """The variants and losses as lists, checked with the other options before any work.
+
+    Raises:
+        ValueError: for an unknown variant or loss, none of either, or ``epochs < 1``.
+    """
+    check_spatial_dims(spatial_dims)
     variants, losses = as_list(variants), as_list(losses)
     bad = [v for v in variants if v not in VARIANTS] + [s for s in losses if s not in DEFAULT_SMOOTH_WEIGHT]
     if bad or not variants or not losses:
@@ -140,60 +163,56 @@ def run_study(
         )
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}.")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(threads)
-    run_dir = Path(output_dir) / (run_name or datetime.now().strftime("study-%Y%m%d-%H%M%S"))
-    rows: List[dict] = []
-    curves: Dict[str, Dict[str, List[float]]] = {}
-    common = {
-        "dataset_dir": dataset_dir,
-        "spatial_dims": spatial_dims,
-        "batch_size": batch_size,
-        "learning_rate": learning_rate,
-        "integration_steps": integration_steps,
-        "image": image,
-        "label": label,
-        "num_val": num_val,
-        "num_test": num_test,
-        "seed": seed,
-        "device": f"$torch.device('{device}')",
-        "validate#dataset": f"$custom.data.build_pair_dataset(split='{val_split}', **@dataset_options)",
+    return variants, losses
+
+
+def _study_overrides(o: SimpleNamespace) -> dict:
+    """The ``train.json`` overrides every run of the study shares: the data, its split and the training budget."""
+    return {
+        "dataset_dir": o.dataset_dir,
+        "spatial_dims": o.spatial_dims,
+        "batch_size": o.batch_size,
+        "learning_rate": o.learning_rate,
+        "integration_steps": o.integration_steps,
+        "image": o.image,
+        "label": o.label,
+        "num_val": o.num_val,
+        "num_test": o.num_test,
+        "seed": o.seed,
+        "device": f"$torch.device('{o.device}')",
+        "validate#dataset": f"$custom.data.build_pair_dataset(split='{o.val_split}', **@dataset_options)",
     }
-    identity = _identity(common, run_dir / "identity", eval_split, spatial_dims)
-    for loss in losses:
-        weight = DEFAULT_SMOOTH_WEIGHT[loss] if smooth_weight is None else smooth_weight
-        for variant in variants:
-            out = run_dir / loss / variant
-            overrides = {
-                **common,
-                "variant": variant,
-                "similarity": loss,
-                "smooth_weight": weight,
-                "epochs": epochs,
-                "output_dir": str(out / "train"),
-                "ckpt_dir": str(out / "models"),
-            }
-            trained = train_run(overrides, max_minutes)
-            summary, shape = _evaluate(
-                {**overrides, "eval_split": eval_split}, out / "eval", out, spatial_dims, variant, integration_steps
-            )
-            refined, _ = _summary({**overrides, "eval_split": eval_split}, out / "eval_refined", None)
-            net = RegistrationNet(spatial_dims, variant, integration_steps=integration_steps)
-            memory = _max_batch(variant, spatial_dims, shape, device, memory_budget_mb, threads)
-            curves.setdefault(loss, {})[variant] = trained["curve"]
-            rows.append(
-                {
-                    "loss": loss,
-                    "variant": variant,
-                    "params": count_parameters(net),
-                    "macs": multiply_adds(net, torch.rand(1, 2, *shape)),
-                    **trained,
-                    **memory,
-                    "summary": summary,
-                    "refined": refined,
-                }
-            )
-    return _write_report(run_dir, rows, identity, curves, spatial_dims, device, memory_budget_mb)
+
+
+def _study_run(o: SimpleNamespace, common: dict, out: Path, loss: str, variant: str) -> dict:
+    """Train one variant with one similarity, evaluate it alone and refined, measure its size and memory: its row
+    of the report (with the training record and the evaluation summaries)."""
+    weight = DEFAULT_SMOOTH_WEIGHT[loss] if o.smooth_weight is None else o.smooth_weight
+    overrides = {
+        **common,
+        "variant": variant,
+        "similarity": loss,
+        "smooth_weight": weight,
+        "epochs": o.epochs,
+        "output_dir": str(out / "train"),
+        "ckpt_dir": str(out / "models"),
+    }
+    trained = train_run(overrides, o.max_minutes)
+    evaluation = {**overrides, "eval_split": o.eval_split}
+    summary, shape = _evaluate(evaluation, out / "eval", out, o.spatial_dims, variant, o.integration_steps)
+    refined, _ = _summary(evaluation, out / "eval_refined", None)
+    net = RegistrationNet(o.spatial_dims, variant, integration_steps=o.integration_steps)
+    memory = _max_batch(variant, o.spatial_dims, shape, o.device, o.memory_budget_mb, o.threads)
+    return {
+        "loss": loss,
+        "variant": variant,
+        "params": count_parameters(net),
+        "macs": multiply_adds(net, torch.rand(1, 2, *shape)),
+        **trained,
+        **memory,
+        "summary": summary,
+        "refined": refined,
+    }
 
 
 def _write_report(

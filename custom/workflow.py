@@ -29,7 +29,7 @@ from monai.handlers import from_engine
 
 from custom.atomic import atomic_write_text
 from custom.losses import LocalNCCLoss
-from custom.metrics import jacobian_stats, label_scores, summarize
+from custom.metrics import jacobian_determinant, pair_metrics, summarize
 from custom.spatial import check_spatial_dims
 from custom.warp import SpatialTransformer
 
@@ -320,7 +320,8 @@ class PairMetricsWriter:
 
     Per pair: LNCC (positive), MSE, Dice per label, mean Dice and the mean Dice of the worst 30% of labels
     (labels from the data unless given), the mean HD95 over labels (voxels), % voxels with non-positive Jacobian
-    determinant (% folding), std of log-Jacobian (SDlogJ), and the time per pair (network and refinement).
+    determinant (% folding), the smallest determinant, std of log-Jacobian (SDlogJ), and the time per pair (network
+    and refinement): :func:`custom.metrics.pair_metrics` and the image similarities.
 
     Args:
         output_dir: where the files go (written atomically at the end of the run).
@@ -356,19 +357,19 @@ class PairMetricsWriter:
             pair = torch.as_tensor(output["label"]).float()[None]
             with torch.no_grad():
                 warped = self.warp(pair[:, :1], ddf)
+                labels = {}
+                if "moving_label" in item:
+                    moving_label = torch.as_tensor(item["moving_label"]).to(ddf.device)[None]
+                    labels["warped_label"] = self.warp_labels(moving_label, ddf)[0]
+                    labels["fixed_label"] = torch.as_tensor(item["fixed_label"]).to(ddf.device)
                 row = {
                     "moving": item["moving_id"],
                     "fixed": item["fixed_id"],
                     "lncc": float(-self.lncc(warped, pair[:, 1:]).mean()),
                     "mse": float(((warped - pair[:, 1:]) ** 2).mean()),
-                    **jacobian_stats(ddf),
+                    **pair_metrics(jacobian_determinant(ddf), labels=self.labels, **labels),
                     "seconds": seconds / len(items),
                 }
-                if "moving_label" in item:
-                    moving_label = torch.as_tensor(item["moving_label"]).to(ddf.device)[None]
-                    warped_label = self.warp_labels(moving_label, ddf)[0]
-                    fixed_label = torch.as_tensor(item["fixed_label"]).to(ddf.device)
-                    row.update(label_scores(warped_label, fixed_label, self.labels))
             self.rows.append(row)
 
     def summary(self) -> Dict[str, Dict[str, float]]:

@@ -18,8 +18,28 @@ def test_benchmark_writes_table(tmp_path):
         ({"spatial_dims": 2, "shape": (32, 32, 32)}, "shape must have 2 sizes"),  # 3 sizes for 2D
         ({"spatial_dims": 2, "variants": ("tiny",)}, "unknown variants"),  # bad variant
         ({"spatial_dims": 1}, "spatial_dims must be 2 or 3"),  # 1D
+        ({"spatial_dims": 3, "train_dataset": "data"}, "train_dataset times 2D training"),  # a 3D training figure
+        ({"train_dataset": "data", "train_epochs": 1}, "train_epochs >= 2"),  # no epoch after the warm-up
     ],
 )
 def test_benchmark_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         benchmark(**kwargs)
+
+
+@pytest.mark.slow
+def test_training_epochs_table(tmp_path):
+    """The training-epoch figure on tiny demo data: ours and MONAI's VoxelMorph, each epoch split into its training
+    iterations and the rest."""
+    import re
+
+    from custom.benchmark import training_epochs
+    from custom.data import make_demo
+
+    make_demo(tmp_path / "demo", num_subjects=3, shape=(24, 28, 20))
+    table = training_epochs(str(tmp_path / "demo"), epochs=2)
+    rows = [line for line in table.splitlines() if line.startswith("| ours") or line.startswith("| MONAI")]
+    assert len(rows) == 2 and rows[1].endswith("| 1.00x |")
+    for row in rows:
+        iterations, epoch, steps, rest = (float(v) for v in re.findall(r"\| ([\d.]+)", row)[:4])
+        assert iterations >= 1 and epoch > 0 and 0 < steps <= epoch and rest == pytest.approx(epoch - steps, abs=0.02)

@@ -538,3 +538,51 @@ def test_pair_resampler_is_a_deprecated_name_of_pair_redrawer():
     with pytest.warns(DeprecationWarning, match="use custom.data.PairRedrawer"):
         handler = PairResampler(dataset=None)
     assert isinstance(handler, PairRedrawer)
+
+
+DROP_AXES = [
+    # (channel-first shape, spatial_dims, expected)
+    ((1, 20, 24, 1), 2, (1, 20, 24)),  # a single slice stored as a volume
+    ((1, 20, 24, 1, 1), 2, (1, 20, 24)),  # two trailing singleton axes
+    ((1, 20, 24), 2, (1, 20, 24)),  # a true 2-D image
+    ((1, 20, 24, 18), 3, (1, 20, 24, 18)),  # a volume
+    ((1, 20, 24, 1), 3, (1, 20, 24, 1)),  # left to the checks: a 3-D model never drops an axis it needs
+    ((1, 20, 1, 18), 2, (1, 20, 1, 18)),  # only trailing axes are dropped
+]
+
+
+@pytest.mark.parametrize("shape, spatial_dims, expected", DROP_AXES)
+def test_drop_trailing_axes(shape, spatial_dims, expected):
+    from custom.data.transforms import DropTrailingAxesd
+
+    assert tuple(DropTrailingAxesd("x", spatial_dims)({"x": torch.zeros(shape)})["x"].shape) == expected
+
+
+@pytest.mark.parametrize("resample", [False, True])
+def test_pair_transforms_read_as_training_reads(tmp_path, resample):
+    """A user's pair is read by the training's loading (nibabel through MONAI, float32 images, int32 labels),
+    resampled onto the fixed grid when asked, normalised by ScaleForegroundd, with the raw moving image kept."""
+    from custom.data.transforms import load_transforms, pair_transforms, scale_foreground
+
+    rng = np.random.default_rng(0)
+    moving = (100 * rng.random((20, 24, 1))).astype(np.float32)
+    labels = rng.integers(0, 4, (20, 24, 1)).astype(np.int16)
+    shifted = np.eye(4)
+    shifted[0, 3] = 2.0  # the moving grid two voxels along x from the fixed one
+    paths = {}
+    for key, data, affine in (("moving", moving, shifted), ("fixed", moving, np.eye(4)), ("label", labels, shifted)):
+        paths[key] = str(tmp_path / f"{key}.nii.gz")
+        nib.save(nib.Nifti1Image(data, affine if resample else np.eye(4)), paths[key])
+    out = pair_transforms(2, True, resample)(
+        {"moving": paths["moving"], "fixed": paths["fixed"], "moving_label": paths["label"]}
+    )
+    assert all(type(out[k]) is torch.Tensor for k in ("moving", "fixed", "moving_raw", "moving_label"))
+    assert out["moving"].shape == out["moving_label"].shape == (1, 20, 24) and out["moving_label"].dtype == torch.int32
+    raw = torch.from_numpy(moving[..., 0])[None]
+    if resample:  # fixed voxel x reads moving voxel x - 2 (zeros outside)
+        raw = torch.nn.functional.pad(raw[:, :-2], (0, 0, 2, 0))
+        assert torch.equal(out["moving_label"][0, 2:], torch.from_numpy(labels[:-2, :, 0]).int())
+    torch.testing.assert_close(out["moving_raw"], raw, rtol=1e-4, atol=1e-2)  # resampling's float rounding
+    torch.testing.assert_close(out["moving"], scale_foreground(out["moving_raw"]))
+    training = load_transforms(["image"], None, 2)({"image": paths["fixed"]})["image"][0]
+    torch.testing.assert_close(out["fixed"], training)  # the same reading and normalisation as training's

@@ -29,6 +29,7 @@ LAYERS = {
         "custom.data.synth",
         "custom.data.transforms",
         "custom.interop",
+        "custom.methods",
         "custom.plots",
         "custom.refine",
     ],

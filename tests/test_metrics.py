@@ -167,6 +167,23 @@ def test_pair_metrics_of_a_perfect_registration():
 
     labels = torch.zeros(12, 10, dtype=torch.int64)
     labels[2:6, 2:6], labels[7:11, 3:9] = 1, 2
-    row = pair_metrics(labels, labels.clone(), torch.ones(12, 10))
-    assert row["dice"] == 1.0 and row["dice30"] == 1.0 and row["hd95"] == 0.0
-    assert row["folding"] == 0.0 and row["min_det"] == 1.0 and row["sdlogj"] == 0.0
+    row = pair_metrics(torch.ones(12, 10), labels[None].clone(), labels)  # a tool's extra singleton axis is fine
+    assert row["dice_mean"] == 1.0 and row["dice_worst30"] == 1.0 and row["hd95_mean"] == 0.0
+    assert row["dice_1"] == 1.0 and row["dice_2"] == 1.0
+    assert row["nonpositive_percent"] == 0.0 and row["jacobian_min"] == 1.0 and row["log_jacobian_std"] == 0.0
+    assert set(pair_metrics(torch.ones(4, 4))) == {"nonpositive_percent", "jacobian_min", "log_jacobian_std"}
+
+
+@pytest.mark.parametrize(
+    "warped, fixed, message",
+    [
+        (torch.zeros(4, 4), None, "both label maps"),  # only the warped labels
+        (None, torch.zeros(4, 4), "both label maps"),  # only the fixed labels
+        (torch.zeros(4, 5), torch.zeros(4, 4), r"same size, got \[4, 5\] and \[4, 4\]"),  # sizes differ
+    ],
+)
+def test_pair_metrics_rejects(warped, fixed, message):
+    from custom.metrics import pair_metrics
+
+    with pytest.raises(ValueError, match=message):
+        pair_metrics(torch.ones(4, 4), warped, fixed)

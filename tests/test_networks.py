@@ -84,6 +84,9 @@ def test_vxmdense_warps_with_its_field():
     warped, ddf = model(moving, fixed)
     assert warped.shape == moving.shape and ddf.shape == (2, 2, 24, 24)
     torch.testing.assert_close(warped, model.transformer(moving, ddf))
+    diffeomorphic = VxmDense(2, "both", padding_mode="border", integration_steps=7, enc_channels=(8, 16, 16, 16))
+    assert diffeomorphic.net.integration_steps == 7 and diffeomorphic.transformer.padding_mode == "border"
+    assert next(diffeomorphic.net.encoder[0].parameters()).shape[0] == 8
 
 
 def test_training_reduces_loss():

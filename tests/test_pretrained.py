@@ -106,20 +106,18 @@ def test_pretrained_path_checks_hash_and_presence(tmp_path):
         RegistrationNet(2, "maxpool").load_state_dict(state)
 
 
-def test_pretrain_reproduces_a_file_and_its_manifest_entry(tmp_path, monkeypatch):
+@pytest.fixture
+def tiny_pretraining(tmp_path, monkeypatch):
+    """A copy of the bundle, a tiny demo dataset and the options of a few-step 2D pretraining into that copy."""
     monkeypatch.chdir(tmp_path)
     make_demo(tmp_path / "demo", num_subjects=3, shape=(24, 28, 20))
     root = copy_bundle(tmp_path)
-    options = dict(
-        minutes=5,
-        max_steps=3,
-        shape=(32, 32),
-        synth_pairs=8,
-        batch_size=4,
-        dataset_dir="demo",
-        output_dir="pre",
-        bundle_root=str(root),
-    )
+    return root, dict(minutes=5, shape=(32, 32), dataset_dir="demo", output_dir="pre", bundle_root=str(root))
+
+
+def test_pretrain_reproduces_a_file_and_its_manifest_entry(tiny_pretraining, tmp_path):
+    root, options = tiny_pretraining
+    options.update(max_steps=3, synth_pairs=8, batch_size=4)
     path = pretrain(2, **options)
     assert path == str(root / "models" / "pretrained_2d_both.pt")
     entries = {e["path"]: e for e in read_manifest(root)}
@@ -132,26 +130,12 @@ def test_pretrain_reproduces_a_file_and_its_manifest_entry(tmp_path, monkeypatch
     assert "started_from" not in entry
 
 
-def test_pretrain_fine_tunes_the_shipped_file_with_a_loader_process(tmp_path, monkeypatch):
+def test_pretrain_fine_tunes_the_shipped_file_with_a_loader_process(tiny_pretraining):
     """``from_shipped`` starts from the shipped weights and records their hash; ``num_workers`` generates pairs."""
-    monkeypatch.chdir(tmp_path)
-    make_demo(tmp_path / "demo", num_subjects=3, shape=(24, 28, 20))
-    root = copy_bundle(tmp_path)
+    root, options = tiny_pretraining
     before = sha256(root / "models" / "pretrained_2d_both.pt")
-    path = pretrain(
-        2,
-        minutes=5,
-        max_steps=2,
-        shape=(32, 32),
-        synth_pairs=4,
-        batch_size=2,
-        learning_rate=1e-5,
-        from_shipped=True,
-        num_workers=1,
-        dataset_dir="demo",
-        output_dir="pre",
-        bundle_root=str(root),
-    )
+    options.update(max_steps=2, synth_pairs=4, batch_size=2, learning_rate=1e-5, from_shipped=True, num_workers=1)
+    path = pretrain(2, **options)
     entry = {e["path"]: e for e in read_manifest(root)}["models/pretrained_2d_both.pt"]
     assert entry["started_from"] == before != entry["hash_val"]
     shipped = torch.load(REPO / "bundle" / "models" / "pretrained_2d_both.pt", weights_only=True)

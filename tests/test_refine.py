@@ -215,3 +215,27 @@ BAD_SHAPES = [
 def test_bad_refine_shapes(moving, fixed, init, message):
     with pytest.raises(ValueError, match=message):
         refine(torch.rand(moving), torch.rand(fixed), None if init is None else torch.zeros(init), RefineOptions(1))
+
+
+def test_refinement_defaults_are_stated_alike_everywhere():
+    """RefineOptions holds the refinement's defaults; the inferer, the configs' refine_* keys and the command line
+    state the same ones (None: the dimensionality's default, DEFAULTS)."""
+    import dataclasses
+    import inspect
+    import json
+    from pathlib import Path
+
+    from custom.cli import Commands
+
+    configs = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+    defaults = {f.name: f.default for f in dataclasses.fields(RefineOptions)}
+    inferer = inspect.signature(RefiningInferer).parameters
+    command_lines = [inspect.signature(c).parameters for c in (Commands.register, Commands.evaluate)]
+    for name, value in defaults.items():
+        assert inferer[name].default == value, name
+        for config in ("inference.json", "evaluate.json"):
+            stated = json.loads((configs / config).read_text()).get(f"refine_{name}", value)
+            assert stated == value, f"{config}: refine_{name} is {stated!r}, RefineOptions says {value!r}"
+        for parameters in command_lines:
+            option = parameters.get("similarity" if name == "similarity" else f"refine_{name}")
+            assert option is None or option.default == value, f"--refine_{name}"

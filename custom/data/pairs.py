@@ -262,20 +262,11 @@ def build_pair_dataset(
     if pair_strategy == "synthetic":
         seed += 7919 * rank  # ranks draw different synthetic pairs
         return _synthetic(dataset_dir, split, spatial_dims, image, slice_axis, seed, synth_shape, synth_pairs)
-    extra = ("aligned_orig",) if pair_strategy == "orig_to_norm" else ()
     if split == "train":
         label = None  # training is unsupervised: labels would only take cache memory
-    subjects = find_subjects(dataset_dir, image, label, extra)
-    for s in subjects:
-        if "aligned_orig" in s:
-            s["orig"] = s.pop("aligned_orig")
-    chosen = subjects if split == "all" else split_subjects(subjects, num_val, num_test, seed)[split]
-    if world > 1 and len(chosen) >= 2 * world:  # a share pairs its own subjects: at least two each
-        chosen = partition_dataset(chosen, num_partitions=world, shuffle=True, seed=seed, even_divisible=True)[rank]
-    if pair_strategy == "atlas":
-        name = atlas or subjects[0]["subject"]
-        atlas = name
-        chosen = [s for s in subjects if s["subject"] == name][:1] + [s for s in chosen if s["subject"] != name]
+    chosen, atlas = _chosen_subjects(
+        dataset_dir, split, pair_strategy, image, label, num_val, num_test, seed, shard, atlas
+    )
     frames = SubjectFrames(chosen, spatial_dims, cache, cache_rate, cache_dir, num_workers, slice_axis, slice_range)
     logger.info("%s split: %d subjects, %d frames", split, len(chosen), len(frames))
     dataset = PairDataset(frames, pair_strategy, seed, split == "train", offset, atlas, max_pairs)
@@ -284,6 +275,23 @@ def build_pair_dataset(
         if common < len(dataset):  # equal iterations per epoch on every rank, or DDP waits forever
             dataset = PairDataset(frames, pair_strategy, seed, True, offset, atlas, common)
     return dataset
+
+
+def _chosen_subjects(dataset_dir, split, pair_strategy, image, label, num_val, num_test, seed, shard, atlas):
+    """``(subjects, atlas)``: the split's subjects (this rank's share of them under ``shard``); for the ``atlas``
+    strategy the atlas first (``atlas`` default: the first subject of the dataset) and its name."""
+    rank, world = _check_shard(shard)
+    subjects = find_subjects(dataset_dir, image, label, ("aligned_orig",) if pair_strategy == "orig_to_norm" else ())
+    for s in subjects:
+        if "aligned_orig" in s:
+            s["orig"] = s.pop("aligned_orig")
+    chosen = subjects if split == "all" else split_subjects(subjects, num_val, num_test, seed)[split]
+    if world > 1 and len(chosen) >= 2 * world:  # a share pairs its own subjects: at least two each
+        chosen = partition_dataset(chosen, num_partitions=world, shuffle=True, seed=seed, even_divisible=True)[rank]
+    if pair_strategy != "atlas":
+        return chosen, atlas
+    atlas = atlas or subjects[0]["subject"]
+    return [s for s in subjects if s["subject"] == atlas][:1] + [s for s in chosen if s["subject"] != atlas], atlas
 
 
 def _check_shard(shard: Optional[Sequence[int]]) -> Tuple[int, int]:

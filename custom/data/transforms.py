@@ -5,13 +5,24 @@ from typing import Dict, Hashable, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, MapTransform
+from monai.transforms import (
+    CastToTyped,
+    Compose,
+    CopyItemsd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    ResampleToMatchd,
+)
 
 __all__ = [
     "CheckVolumed",
+    "DropTrailingAxesd",
     "StackSlicesd",
     "ScaleForegroundd",
     "load_transforms",
+    "pair_transforms",
     "foreground_slices",
     "scale_foreground",
 ]
@@ -221,14 +232,69 @@ def load_transforms(
     """
     image_keys = list(image_keys)
     all_keys = image_keys + ([label_key] if label_key else [])
-    chain = [LoadImaged(image_keys, reader="NibabelReader", dtype=np.float32, image_only=True)]
-    if label_key:
-        chain.append(LoadImaged(label_key, reader="NibabelReader", dtype=np.int32, image_only=True))
-    chain += [EnsureChannelFirstd(all_keys, channel_dim="no_channel"), CheckVolumed(all_keys, spatial_dims)]
+    chain = _reading(image_keys, label_key) + [CheckVolumed(all_keys, spatial_dims)]
     if spatial_dims == 2:
         chain.append(StackSlicesd(all_keys, slice_axis, slice_range, ref_key=image_keys[0]))
     else:
         chain.append(EnsureTyped(all_keys, track_meta=False))
     if scale_intensity:
         chain.append(ScaleForegroundd(image_keys, frames_first=spatial_dims == 2))
+    return Compose(chain)
+
+
+def _reading(image_keys: Sequence[str], label_key: Optional[str]) -> list:
+    """The one way a NIfTI file is read, in training and inference: ``LoadImaged`` (nibabel; images as float32,
+    labels as int32) and ``EnsureChannelFirstd``."""
+    chain = [LoadImaged(list(image_keys), reader="NibabelReader", dtype=np.float32, image_only=True)]
+    if label_key:
+        chain.append(LoadImaged(label_key, reader="NibabelReader", dtype=np.int32, image_only=True))
+    keys = list(image_keys) + ([label_key] if label_key else [])
+    return chain + [EnsureChannelFirstd(keys, channel_dim="no_channel")]
+
+
+class DropTrailingAxesd(MapTransform):
+    """Channel-first images ``(C, *S)`` with trailing spatial axes of size 1 dropped down to ``spatial_dims`` axes:
+    a single slice stored as ``(H, W, 1)`` becomes ``(C, H, W)`` for a 2-D model; other shapes pass unchanged.
+
+    Args:
+        keys: the images to reshape.
+        spatial_dims: 2 or 3.
+    """
+
+    def __init__(self, keys: KeysCollection, spatial_dims: int) -> None:
+        super().__init__(keys)
+        self.spatial_dims = spatial_dims
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> Dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            shape = list(d[key].shape)
+            while len(shape) > self.spatial_dims + 1 and shape[-1] == 1:
+                shape.pop()
+            d[key] = d[key].reshape(shape)
+        return d
+
+
+def pair_transforms(spatial_dims: int, label: bool, resample: bool) -> Compose:
+    """Loading one of a user's pairs (keys ``moving``, ``fixed`` and optionally ``moving_label``: file paths) for
+    inference, read as training reads its subjects.
+
+    The reading of :func:`load_transforms`; with ``resample``, MONAI's ``ResampleToMatchd`` of the moving image
+    (bilinear) and label (nearest) onto the fixed grid; :class:`DropTrailingAxesd`; the raw moving intensities
+    copied to ``moving_raw``; :class:`ScaleForegroundd` on ``moving`` and ``fixed``; plain tensors ``(1, *S)``.
+
+    Args:
+        spatial_dims: the model's.
+        label: the pair has a ``moving_label``.
+        resample: resample onto the fixed grid (when the grids are equal this changes nothing).
+    """
+    keys = ["moving", "fixed"] + (["moving_label"] if label else [])
+    chain = _reading(["moving", "fixed"], "moving_label" if label else None)
+    if resample:
+        moved, modes = ["moving"] + keys[2:], ["bilinear"] + ["nearest"] * len(keys[2:])
+        chain.append(ResampleToMatchd(moved, "fixed", mode=modes, padding_mode="zeros"))
+    chain += [DropTrailingAxesd(keys, spatial_dims), EnsureTyped(keys, track_meta=False)]
+    if label:
+        chain.append(CastToTyped("moving_label", dtype=torch.int32))
+    chain += [CopyItemsd("moving", names="moving_raw"), ScaleForegroundd(["moving", "fixed"])]
     return Compose(chain)

@@ -1,0 +1,96 @@
+"""The registration methods the accuracy benchmarks compare, each a function ``(moving, fixed, moving_label) ->
+(warped label, Jacobian determinant, seconds)``: our network with or without refinement (:func:`network_method`,
+:class:`ZeroField` for refinement alone), and the peers our users would otherwise run, MONAI's ``VoxelMorph`` as a
+bundle network and ANTs SyN through ``antspyx`` (``pip install -e ".[peers]"``).
+"""
+
+import importlib.util
+import os
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from custom.metrics import jacobian_determinant
+from custom.spatial import check_spatial_dims
+from custom.warp import SpatialTransformer
+
+__all__ = ["MonaiVoxelMorph", "ZeroField", "ants_available", "ants_register", "network_method"]
+
+
+class MonaiVoxelMorph(nn.Module):
+    """MONAI's ``VoxelMorph`` (default backbone, ``integration_steps=7``) as a bundle ``network_def``: one
+    ``(B, 2, *S)`` tensor in, the displacement out, so the bundle's trainer and inferer run it unchanged.
+
+    Args:
+        spatial_dims: 2 or 3.
+        integration_steps: MONAI's default 7.
+    """
+
+    def __init__(self, spatial_dims: int, integration_steps: int = 7) -> None:
+        super().__init__()
+        from monai.networks.nets import VoxelMorph
+
+        self.model = VoxelMorph(spatial_dims=check_spatial_dims(spatial_dims), integration_steps=integration_steps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(B, 2, H, W[, D])`` (moving, fixed), any size (zero-padded to MONAI's multiple of 16 and
+        cropped back); returns ``(B, spatial_dims, H, W[, D])``."""
+        sizes = x.shape[2:]
+        pads = [p for n in reversed(sizes) for p in (0, -n % 16)]
+        padded = F.pad(x, pads)
+        ddf = self.model(padded[:, :1], padded[:, 1:])[1]
+        return ddf[(slice(None), slice(None)) + tuple(slice(0, n) for n in sizes)]
+
+
+def ants_available() -> bool:
+    """Whether ``antspyx`` is installed."""
+    return importlib.util.find_spec("ants") is not None
+
+
+def ants_register(moving: torch.Tensor, fixed: torch.Tensor, moving_label: torch.Tensor, transform: str, seed: int):
+    """ANTs registration of a pair ``(1, *S)`` each: ``(warped label, Jacobian determinant of its deformable warp,
+    seconds of the registration)``; ANTs' transform files are removed."""
+    import ants
+
+    f = ants.from_numpy(fixed[0].cpu().numpy().astype(np.float32))
+    m = ants.from_numpy(moving[0].cpu().numpy().astype(np.float32))
+    start = time.perf_counter()
+    reg = ants.registration(fixed=f, moving=m, type_of_transform=transform, random_seed=seed)
+    seconds = time.perf_counter() - start
+    label = ants.from_numpy(moving_label[0].cpu().numpy().astype(np.float32))
+    warped = ants.apply_transforms(f, label, reg["fwdtransforms"], interpolator="genericLabel")
+    jac = torch.from_numpy(ants.create_jacobian_determinant_image(f, reg["fwdtransforms"][0]).numpy())
+    for path in set(reg["fwdtransforms"] + reg["invtransforms"]):
+        if os.path.exists(path):
+            os.remove(path)
+    return torch.from_numpy(warped.numpy()).round().to(moving_label.dtype), jac, seconds
+
+
+def network_method(net: nn.Module, inferer: Callable, device: torch.device) -> Callable:
+    """A network (through ``inferer``, e.g. a :class:`custom.refine.RefiningInferer`) as a method: the pair
+    ``(1, *S)`` each on ``device``, the field's labels and determinant back on the CPU, seconds of the inference."""
+    warp_labels = SpatialTransformer("nearest")
+
+    def run(moving: torch.Tensor, fixed: torch.Tensor, moving_label: torch.Tensor):
+        pair = torch.cat([moving, fixed])[None].to(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            ddf = inferer(pair, net)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        ddf = ddf.float().cpu()
+        return warp_labels(moving_label[None], ddf)[0, 0], jacobian_determinant(ddf)[0], seconds
+
+    return run
+
+
+class ZeroField(nn.Module):
+    """A "network" that predicts no displacement: refinement from zero."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(x.shape[0], x.dim() - 2, *x.shape[2:])
