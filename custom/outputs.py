@@ -56,6 +56,7 @@ class RegistrationWriter:
         self.warp = SpatialTransformer("bilinear")
         self.warp_labels = SpatialTransformer("nearest")
         self.written: List[str] = []
+        self._lncc: Dict[int, LocalNCCLoss] = {}  # per spatial_dims, built once
         self.rows: List[Dict[str, str]] = []
 
     def attach(self, engine: Engine) -> None:
@@ -148,7 +149,9 @@ class RegistrationWriter:
             moving, fixed = (torch.as_tensor(item[k])[None].float().cpu() for k in ("moving", "fixed"))
             with torch.no_grad():  # one warp of both: the raw intensities are written, the normalised ones scored
                 warped = self.warp(torch.cat([torch.as_tensor(item["moving_raw"])[None].float(), moving], 1), ddf)
-                lncc = LocalNCCLoss(ddf.shape[1])
+                if ddf.shape[1] not in self._lncc:
+                    self._lncc[ddf.shape[1]] = LocalNCCLoss(ddf.shape[1])
+                lncc = self._lncc[ddf.shape[1]]
                 before, after = -float(lncc(moving, fixed)), -float(lncc(warped[:, 1:], fixed))
             row = self._write_pair(item, ddf, warped[0, 0])
             files = ", ".join(row[k] for k in ("warped", "ddf", "warped_label", "jacobian") if row.get(k))

@@ -1,6 +1,7 @@
 """The fire CLI, and the study end to end on tiny data."""
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -133,7 +134,7 @@ def test_documented_cli_commands_run(ws):
 
 def test_register_plot_evaluate(ws):
     s1, s2 = ws / "data/demo/OASIS_OAS1_0001_MR1", ws / "data/demo/OASIS_OAS1_0002_MR1"
-    cli(
+    proc = cli(
         [
             "register",
             "--moving",
@@ -150,6 +151,16 @@ def test_register_plot_evaluate(ws):
         ws,
     )
     name = "OASIS_OAS1_0002_MR1_slice_norm__to__OASIS_OAS1_0001_MR1_slice_norm"
+    # the printed LNCC before registration is that of the normalised pair; refinement raises it
+    from custom.data.transforms import scale_foreground
+    from custom.losses import LocalNCCLoss
+
+    before, after = (float(v) for v in re.search(rf"{name}: LNCC (\S+) -> (\S+);", proc.stdout).groups())
+    images = [
+        scale_foreground(torch.from_numpy(nib.load(s / "slice_norm.nii.gz").get_fdata()[..., 0])) for s in (s2, s1)
+    ]
+    expected = -float(LocalNCCLoss(2)(images[0][None, None].float(), images[1][None, None].float()))
+    assert before == pytest.approx(expected, abs=1e-3) and after > before
     suffixes = ["_ddf.mha", "_jacobian.nii.gz", "_warped.nii.gz", "_warped_label.nii.gz"]
     assert sorted(p.name for p in (ws / "reg").iterdir()) == [name + s for s in suffixes] + ["pairs_out.csv"]
     # the saved field, applied to the moving label map by `apply`, gives register's own warped label map
