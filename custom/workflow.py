@@ -148,18 +148,24 @@ class WarpedNCC(Metric):
 
 
 class _FixedNameSaver(DiskSaver):
-    """Ignite's atomic ``DiskSaver`` (temporary file + rename), optionally under one fixed file name."""
+    """Ignite's atomic ``DiskSaver``, optionally under one fixed name; a replaced file is removed once the new one is
+    in place (Ignite's ``Checkpoint`` removes it first), so a run killed in between keeps its last checkpoint."""
 
     def __init__(self, dirname: str, filename: Optional[str] = None) -> None:
         super().__init__(dirname, require_empty=False, atomic=True, create_dir=True)
         self.filename = filename
+        self._replaced: List[str] = []
 
     def __call__(self, checkpoint, filename, metadata=None) -> None:
-        super().__call__(checkpoint, self.filename or filename, metadata)
+        saved = self.filename or filename
+        super().__call__(checkpoint, saved, metadata)
+        for old in set(self._replaced) - {saved}:
+            super().remove(old)
+        self._replaced.clear()
 
     def remove(self, filename: str) -> None:
         if not self.filename:  # with a fixed name, the "old" file is the new one: keep it
-            super().remove(filename)
+            self._replaced.append(filename)
 
 
 class AtomicCheckpointSaver:

@@ -74,3 +74,24 @@ def test_atomic_saver_fixed_name_and_rotation(tmp_path):
     assert [p.name for p in (tmp_path / "resume").iterdir()] == ["checkpoint_3.pt"]  # only the last one
     state = torch.load(tmp_path / "best" / "model.pt", weights_only=True)
     RegistrationNet(2, "both").load_state_dict(state)
+
+
+def test_a_run_killed_while_saving_keeps_its_last_checkpoint(tmp_path, monkeypatch):
+    """Ignite's Checkpoint removes the file it replaces before saving the new one; our saver removes it only once
+    the new one is in place, so a failure (or SIGKILL) during the save leaves the previous checkpoint."""
+    from ignite.handlers import DiskSaver
+
+    net = RegistrationNet(2, "both")
+    engine = Engine(lambda e, b: None)
+    AtomicCheckpointSaver(str(tmp_path), {"network": net, "engine": engine}).attach(engine)
+    engine.run([0], max_epochs=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_2.pt"]
+
+    def killed(self, checkpoint, filename, metadata=None):
+        raise KeyboardInterrupt  # the process dies in the middle of the write
+
+    monkeypatch.setattr(DiskSaver, "__call__", killed)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run([0], max_epochs=3)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_2.pt"]
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint_2.pt")
