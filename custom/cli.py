@@ -5,7 +5,6 @@ Each command runs the same code as the bundle (its configs or the functions they
 input stop with one ``error:`` line and exit code 2.
 """
 
-import difflib
 import functools
 import inspect
 import sys
@@ -16,9 +15,9 @@ import fire
 
 from custom.accuracy import run_accuracy
 from custom.benchmark import benchmark
-from custom.errors import exit_on_user_error
+from custom.errors import INTERRUPTED, closest, exit_on_user_error
 from custom.pretrained import pretrain
-from custom.runner import bundle_dir, run_workflow
+from custom.runner import bundle_dir, check_checkpoint, run_workflow
 from custom.scale import run_scale
 from custom.study import run_study
 
@@ -27,8 +26,7 @@ __all__ = ["Commands", "check_arguments", "main", "usage"]
 
 def _evaluation_options(args: dict) -> dict:
     """Bundle overrides of ``evaluate`` / ``plot``: the model, the split and the data, named as in the configs."""
-    if not Path(args["model_path"]).is_file():
-        raise FileNotFoundError(f"model file {args['model_path']!r} does not exist; train first or pass --model_path.")
+    check_checkpoint(args["model_path"])
     renamed = {"split": "eval_split", "output_dir": "eval_dir"}
     return {renamed.get(k, k): v for k, v in args.items() if k != "self"}
 
@@ -273,8 +271,8 @@ def usage() -> str:
 
 
 def _closest(name: str, choices: Sequence[str]) -> str:
-    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f"; did you mean {match[0]!r}?" if match else f"; valid: {', '.join(sorted(choices))}."
+    match = closest(name, choices)
+    return f"; did you mean {match!r}?" if match else f"; valid: {', '.join(sorted(choices))}."
 
 
 def check_arguments(argv: Sequence[str]) -> None:
@@ -311,5 +309,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
-        print("\nerror: interrupted; the outputs of unfinished pairs or epochs were not written", file=sys.stderr)
+        print("\n" + INTERRUPTED, file=sys.stderr)
         raise SystemExit(130) from None

@@ -1,12 +1,46 @@
 """User errors: found inside MONAI's wrapping and reported as one ``error:`` line with exit code 2."""
 
+import difflib
+import math
+import numbers
 import sys
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
-__all__ = ["USER_ERRORS", "exit_on_user_error", "user_error"]
+__all__ = ["INTERRUPTED", "USER_ERRORS", "check_integer", "check_number", "closest", "exit_on_user_error", "user_error"]
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+INTERRUPTED = "error: interrupted; the outputs of unfinished pairs or epochs were not written"
+"""The one line every entry point prints on Ctrl-C (before exiting with code 130)."""
+
+
+def check_integer(name: str, value, minimum: int) -> int:
+    """``value`` as an ``int``, refused unless it is an integer (not a bool) ``>= minimum``.
+
+    Raises:
+        ValueError: naming the option: ``"<name> must be an integer >= <minimum>, got <value>."``
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def check_number(name: str, value, positive: bool) -> float:
+    """``value`` as a ``float``, refused unless it is a finite real number ``> 0`` (``positive``) or ``>= 0``.
+
+    Raises:
+        ValueError: naming the option: ``"<name> must be a finite number > 0, got <value>."``
+    """
+    real = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if not real or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}.")
+    return float(value)
+
+
+def closest(name: str, choices: Sequence[str]) -> Optional[str]:
+    """The valid choice closest to a mistyped ``name`` (for a "did you mean" hint), or ``None``."""
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return match[0] if match else None
 
 
 def user_error(error: BaseException) -> Optional[BaseException]:

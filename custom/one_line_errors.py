@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from custom.errors import user_error
+from custom.errors import INTERRUPTED, user_error
 from custom.runner import check_bundle_arguments
 
 __all__ = ["excepthook"]
@@ -24,7 +24,7 @@ def excepthook(exc_type, exc, tb) -> None:
     """``sys.excepthook``: one line and exit code 2 for user errors (130 for Ctrl-C), the default report otherwise."""
     if issubclass(exc_type, KeyboardInterrupt):
         sys.stdout.flush()
-        print("\nerror: interrupted; the outputs of unfinished pairs or epochs were not written", file=sys.stderr)
+        print("\n" + INTERRUPTED, file=sys.stderr)
         os._exit(130)
     cause = user_error(exc)
     if cause is None:

@@ -25,7 +25,6 @@ inference configs call it in place of ``SimpleInferer``.
 """
 
 import math
-import numbers
 import warnings
 from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Tuple, Union
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from monai.inferers import Inferer
 from torch import nn
 
+from custom.errors import check_integer, check_number
 from custom.losses import GradLoss, LocalNCCLoss, MSELoss
 from custom.spatial import check_spatial_dims
 from custom.warp import SpatialTransformer, VelocityIntegration
@@ -55,19 +55,6 @@ SLAB_VOXELS = 1 << 20
 """A level's similarity is computed and back-propagated in slabs of about this many voxels along the last axis.
 Exact (the local NCC looks only ``kernel_size // 2`` voxels beyond a slab, MSE none), and the memory of a
 step no longer grows with the image: about 0.6 GiB at full resolution for a 160x192x224 pair instead of 2.4."""
-
-
-def _integer(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
-
-
-def _number(name: str, value, positive: bool) -> float:
-    real = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-    if not real or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}.")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -109,15 +96,15 @@ class RefineOptions:
         if isinstance(self.steps, (list, tuple)):
             if not self.steps:
                 raise ValueError("refine_steps must be an integer >= 0 or one per level, got [].")
-            object.__setattr__(self, "steps", tuple(_integer("refine_steps", n, 0) for n in self.steps))
+            object.__setattr__(self, "steps", tuple(check_integer("refine_steps", n, 0) for n in self.steps))
         elif self.steps is not None:
-            _integer("refine_steps", self.steps, 0)
-        _number("refine_lr", self.lr, positive=True)
-        _number("refine_smooth_weight", self.smooth_weight, positive=False)
+            check_integer("refine_steps", self.steps, 0)
+        check_number("refine_lr", self.lr, positive=True)
+        check_number("refine_smooth_weight", self.smooth_weight, positive=False)
         if self.similarity not in ("lncc", "mse"):
             raise ValueError(f"loss must be 'lncc' or 'mse', got {self.similarity!r}.")
         if self.integration_steps is not None:
-            _integer("refine_integration_steps", self.integration_steps, 0)
+            check_integer("refine_integration_steps", self.integration_steps, 0)
         if self.levels is not None:
             levels = self.levels if isinstance(self.levels, (list, tuple)) else [self.levels]
             if not levels or any(isinstance(n, bool) or n not in LEVELS for n in levels):
@@ -127,8 +114,8 @@ class RefineOptions:
             object.__setattr__(self, "levels", tuple(int(n) for n in levels))
         if self.downsample is not None and (isinstance(self.downsample, bool) or self.downsample not in LEVELS):
             raise ValueError(f"refine_downsample must be one of {list(LEVELS)} or null, got {self.downsample!r}.")
-        _number("refine_tolerance", self.tolerance, positive=False)
-        _integer("refine_patience", self.patience, 1)
+        check_number("refine_tolerance", self.tolerance, positive=False)
+        check_integer("refine_patience", self.patience, 1)
 
     def for_dims(self, spatial_dims: int) -> "RefineOptions":
         """These options with the ``None`` ones set to the defaults of ``spatial_dims`` and ``steps`` one count per

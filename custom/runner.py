@@ -7,7 +7,6 @@ first and user errors reported as one line.
 """
 
 import ast
-import difflib
 import json
 import logging
 import time
@@ -19,7 +18,7 @@ import yaml
 from ignite.engine import Engine, Events
 from ignite.handlers import TimeLimit
 
-from custom.errors import exit_on_user_error
+from custom.errors import closest, exit_on_user_error
 from custom.workflow import iteration_loss
 
 __all__ = [
@@ -229,6 +228,6 @@ def check_bundle_arguments(argv: Sequence[str]) -> None:
     for key in options:
         root = key.split("#")[0]
         if root not in valid:
-            match = difflib.get_close_matches(root, sorted(valid), n=1, cutoff=0.5)
-            hint = f"; did you mean --{match[0]}?" if match else "; see the config files for the valid keys."
+            match = closest(root, sorted(valid))
+            hint = f"; did you mean --{match}?" if match else "; see the config files for the valid keys."
             raise ValueError(f"unknown option --{key}: not a key of {', '.join(paths)}{hint}")

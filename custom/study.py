@@ -138,13 +138,10 @@ def run_study(
     run_dir = Path(output_dir) / (run_name or datetime.now().strftime("study-%Y%m%d-%H%M%S"))
     common = _study_overrides(options)
     identity = _identity(common, run_dir / "identity", eval_split, spatial_dims)
-    rows: List[dict] = []
-    curves: Dict[str, Dict[str, List[float]]] = {}
-    for loss in losses:
-        for variant in variants:
-            rows.append(_study_run(options, common, run_dir / loss / variant, loss, variant))
-            curves.setdefault(loss, {})[variant] = rows[-1]["curve"]
-    return _write_report(run_dir, rows, identity, curves, spatial_dims, device, memory_budget_mb)
+    rows = [
+        _study_run(options, common, run_dir / loss / variant, loss, variant) for loss in losses for variant in variants
+    ]
+    return _write_report(run_dir, rows, identity, spatial_dims, device, memory_budget_mb)
 
 
 def _check_study_options(spatial_dims: int, variants, losses, epochs: int):
@@ -216,10 +213,13 @@ def _study_run(o: SimpleNamespace, common: dict, out: Path, loss: str, variant: 
 
 
 def _write_report(
-    run_dir: Path, rows: List[dict], identity: dict, curves, spatial_dims: int, device: str, budget: float
+    run_dir: Path, rows: List[dict], identity: dict, spatial_dims: int, device: str, budget: float
 ) -> Path:
     from custom.plots import plot_loss_curves
 
+    curves: Dict[str, Dict[str, List[float]]] = {}  # per loss, each variant's training curve
+    for r in rows:
+        curves.setdefault(r["loss"], {})[r["variant"]] = r["curve"]
     for loss, per_variant in curves.items():
         plot_loss_curves(per_variant, run_dir / f"loss_curves_{loss}.png", ylabel=f"training loss ({loss})")
     lines = [

@@ -10,7 +10,6 @@ import csv
 import io
 import json
 import logging
-import math
 import os
 import re
 import statistics
@@ -28,6 +27,7 @@ from monai.data import decollate_batch
 from monai.handlers import from_engine
 
 from custom.atomic import atomic_write_text
+from custom.errors import check_integer, check_number
 from custom.losses import LocalNCCLoss
 from custom.metrics import jacobian_determinant, pair_metrics, summarize
 from custom.spatial import check_spatial_dims
@@ -232,11 +232,8 @@ def check_training_options(epochs, batch_size, learning_rate, val_interval) -> N
             finite number > 0.
     """
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("val_interval", val_interval)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-    number = isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool)
-    if not number or not math.isfinite(learning_rate) or learning_rate <= 0:
-        raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate!r}.")
+        check_integer(name, value, 1)
+    check_number("learning_rate", learning_rate, positive=True)
 
 
 def enable_resume(
