@@ -319,7 +319,9 @@ def benchmark(
         raise ValueError(f"shape must have {spatial_dims} sizes for spatial_dims={spatial_dims}, got {list(shape)}.")
     batch = batch_size or DEFAULT_BATCH[spatial_dims]
     repeats = repeats or DEFAULT_REPEATS[spatial_dims]
-    variants = [v.strip() for v in variants.split(",") if v.strip()] if isinstance(variants, str) else list(variants)
+    from custom.runner import as_list  # here: the measuring processes need none of the bundle machinery
+
+    variants = as_list(variants)
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise ValueError(f"unknown variants {bad}: expected a subset of {list(VARIANTS)}.")

@@ -24,7 +24,7 @@ import torch
 from nibabel.filebasedimages import ImageFileError
 
 from custom.data.oasis import IMAGE_FILES
-from custom.data.transforms import pair_transforms
+from custom.data.transforms import drop_trailing_axes, pair_transforms
 from custom.interop import check_itk_affine
 from custom.spatial import check_spatial_dims
 
@@ -135,10 +135,7 @@ def list_pairs(
 
 def _dims(shape) -> int:
     """2 for a single slice (at most two axes longer than 1), else the number of axes."""
-    shape = list(shape)
-    while len(shape) > 2 and shape[-1] == 1:
-        shape.pop()
-    return len(shape)
+    return len(drop_trailing_axes(shape, 2))
 
 
 def infer_spatial_dims(
@@ -158,9 +155,7 @@ def infer_spatial_dims(
 
 def _spatial(shape, spatial_dims: int, path: str, key: str) -> List[int]:
     """The model-space shape of a file's array: trailing singleton axes dropped down to ``spatial_dims``."""
-    shape = list(shape)
-    while len(shape) > spatial_dims and shape[-1] == 1:
-        shape.pop()
+    shape = drop_trailing_axes(shape, spatial_dims)
     if len(shape) > 3:
         raise ValueError(f"{key} {path!r} has shape {shape}: a {len(shape)}-D image; give one 2D or 3D image per file.")
     if len(shape) != spatial_dims or (spatial_dims == 3 and 1 in shape):

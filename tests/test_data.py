@@ -586,3 +586,18 @@ def test_pair_transforms_read_as_training_reads(tmp_path, resample):
     torch.testing.assert_close(out["moving"], scale_foreground(out["moving_raw"]))
     training = load_transforms(["image"], None, 2)({"image": paths["fixed"]})["image"][0]
     torch.testing.assert_close(out["fixed"], training)  # the same reading and normalisation as training's
+
+
+@pytest.mark.parametrize(
+    "shape, axes, expected",
+    [
+        ((160, 192, 1), 2, [160, 192]),  # a slice stored as a volume
+        ((160, 192, 1, 1), 3, [160, 192, 1]),  # never fewer than the axes asked for
+        ((160, 1, 224), 2, [160, 1, 224]),  # only trailing sizes of 1
+        ((160, 192, 224), 2, [160, 192, 224]),  # a volume stays a volume
+    ],
+)
+def test_drop_trailing_axes_of_a_shape(shape, axes, expected):
+    from custom.data.transforms import drop_trailing_axes
+
+    assert drop_trailing_axes(shape, axes) == expected

@@ -1,6 +1,6 @@
 """MONAI dictionary transforms for loading subjects and slicing volumes into 2D training frames."""
 
-from typing import Dict, Hashable, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from monai.transforms import (
 __all__ = [
     "CheckVolumed",
     "DropTrailingAxesd",
+    "drop_trailing_axes",
     "StackSlicesd",
     "ScaleForegroundd",
     "load_transforms",
@@ -252,6 +253,15 @@ def _reading(image_keys: Sequence[str], label_key: Optional[str]) -> list:
     return chain + [EnsureChannelFirstd(keys, channel_dim="no_channel")]
 
 
+def drop_trailing_axes(shape: Sequence[int], axes: int) -> List[int]:
+    """``shape`` with trailing sizes of 1 dropped while it has more than ``axes`` entries: ``(160, 192, 1)`` ->
+    ``[160, 192]`` for ``axes=2``; a slice stored as a volume and a true 2-D image look alike."""
+    shape = list(shape)
+    while len(shape) > axes and shape[-1] == 1:
+        shape.pop()
+    return shape
+
+
 class DropTrailingAxesd(MapTransform):
     """Channel-first images ``(C, *S)`` with trailing spatial axes of size 1 dropped down to ``spatial_dims`` axes:
     a single slice stored as ``(H, W, 1)`` becomes ``(C, H, W)`` for a 2-D model; other shapes pass unchanged.
@@ -268,10 +278,7 @@ class DropTrailingAxesd(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> Dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key in self.key_iterator(d):
-            shape = list(d[key].shape)
-            while len(shape) > self.spatial_dims + 1 and shape[-1] == 1:
-                shape.pop()
-            d[key] = d[key].reshape(shape)
+            d[key] = d[key].reshape(drop_trailing_axes(d[key].shape, self.spatial_dims + 1))
         return d
 
 
