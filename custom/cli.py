@@ -15,13 +15,13 @@ import fire
 
 from custom.accuracy import run_accuracy
 from custom.benchmark import benchmark
-from custom.errors import INTERRUPTED, closest, exit_on_user_error
+from custom.errors import INTERRUPTED, as_bool, closest, exit_on_user_error
 from custom.pretrained import pretrain
 from custom.runner import bundle_dir, check_checkpoint, run_workflow
 from custom.scale import run_scale
 from custom.study import run_study
 
-__all__ = ["Commands", "check_arguments", "main", "usage"]
+__all__ = ["Commands", "boolean_options", "check_arguments", "main", "parse_booleans", "usage"]
 
 
 def _evaluation_options(args: dict) -> dict:
@@ -295,6 +295,32 @@ def check_arguments(argv: Sequence[str]) -> None:
                 raise ValueError(f"{command}: unknown option --{name}{_closest('--' + name, options)}")
 
 
+def boolean_options(command: str) -> List[str]:
+    """The options of ``command`` that are booleans (annotated ``bool`` or with a boolean default)."""
+    parameters = inspect.signature(_commands()[command.replace("_", "-")]).parameters.values()
+    return [p.name for p in parameters if p.annotation is bool or isinstance(p.default, bool)]
+
+
+def parse_booleans(argv: Sequence[str]) -> List[str]:
+    """The command line with every boolean option's value (``--flag VALUE`` or ``--flag=VALUE``) parsed by
+    :func:`~custom.errors.as_bool` and written as ``--flag=True``/``--flag=False`` for fire, which would hand
+    ``false`` or ``no`` over as a (true) string. A bare ``--flag`` stays (true).
+
+    Raises:
+        ValueError: for a value that is not a boolean word, naming the option.
+    """
+    flags = {"--" + name for name in boolean_options(argv[0])}
+    flags |= {flag.replace("_", "-") for flag in flags}
+    out, args, i = [argv[0]], list(argv), 1
+    while i < len(args):
+        name, has_value, value = args[i].partition("=")
+        if name in flags and not has_value and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            has_value, value, i = True, args[i + 1], i + 1
+        out.append(f"{name}={as_bool(name[2:].replace('-', '_'), value)}" if name in flags and has_value else args[i])
+        i += 1
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point: one ``error:`` line and exit code 2 for bad arguments or input, 130 when interrupted."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -304,7 +330,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         with exit_on_user_error():
             check_arguments(args)
-            fire.Fire(Commands, command=args, name="vxm-lite")
+            fire.Fire(Commands, command=parse_booleans(args), name="vxm-lite")
     except TypeError as error:  # fire's report of a wrong argument type
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

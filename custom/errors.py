@@ -7,11 +7,42 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
-__all__ = ["INTERRUPTED", "USER_ERRORS", "check_integer", "check_number", "closest", "exit_on_user_error", "user_error"]
+__all__ = [
+    "INTERRUPTED",
+    "USER_ERRORS",
+    "as_bool",
+    "check_integer",
+    "check_number",
+    "closest",
+    "exit_on_user_error",
+    "user_error",
+]
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 INTERRUPTED = "error: interrupted; the outputs of unfinished pairs or epochs were not written"
 """The one line every entry point prints on Ctrl-C (before exiting with code 130)."""
+
+
+TRUE_WORDS = ("true", "yes", "1")
+FALSE_WORDS = ("false", "no", "0")
+
+
+def as_bool(name: str, value) -> bool:
+    """The one boolean parser of every command-line flag and bundle key: ``True``/``False``, ``1``/``0`` and the
+    words true/false, yes/no, 1/0 in any case (fire and ``python -m monai.bundle`` hand ``--flag false`` over as
+    the string ``"false"``, which ``bool()`` would take as true).
+
+    Raises:
+        ValueError: for anything else, naming the option: ``"<name> must be true or false ..., got <value>."``
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word in TRUE_WORDS or word in FALSE_WORDS:
+        return word in TRUE_WORDS
+    raise ValueError(f"{name} must be true or false (also yes/no, 1/0, in any case), got {value!r}.")
 
 
 def check_integer(name: str, value, minimum: int) -> int:

@@ -9,17 +9,24 @@ the manifest with every weight file's sha256, and a copy of the ``custom`` packa
 """
 
 import json
+import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Union
 
 import yaml
 
+from custom import __version__
+from custom.errors import as_bool
 from custom.pretrained import MANIFEST, pretrained_path, read_manifest, sha256
 from custom.runner import bundle_dir
 
-__all__ = ["DEFAULT_MODEL", "export_bundle"]
+__all__ = ["DEFAULT_MODEL", "MARKER", "check_target", "export_bundle"]
+
+MARKER = ".vxm-lite-export.json"
+"""Written into every exported folder (not into the zip): ``--overwrite True`` replaces only a folder holding it."""
 
 DEFAULT_MODEL = {"spatial_dims": 2, "variant": "both"}
 _ROOT_CONFIGS = ("train.json", "inference.json")
@@ -71,6 +78,54 @@ def _write_models(bundle: Path, target: Path) -> None:
     (target / MANIFEST).write_text(yaml.safe_dump({"large_files": entries}, sort_keys=False))
 
 
+def _ours_zip(path: Path, name: str) -> bool:
+    """Whether ``path`` is a zip this command wrote for the bundle ``name`` (every member under ``name/``)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return f"{name}/configs/metadata.json" in members and all(m.startswith(f"{name}/") for m in members)
+
+
+def check_target(out: Path, overwrite: bool, archive: bool) -> None:
+    """Refuse a bundle folder (and zip) that the export may not write: it replaces only its own earlier export.
+
+    Never replaced: the current folder or a parent of it, the home folder, a repository (holding ``.git``), a
+    non-empty folder without :data:`MARKER`, a file, a zip that is not an export of this bundle name.
+
+    Raises:
+        ValueError: for a target that is never replaced, or a path under a file.
+        FileExistsError: for an earlier export when ``overwrite`` is false.
+    """
+    blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        what = "is a file" if blocker == out else f"lies under {str(blocker)!r}, which is a file"
+        raise ValueError(f"cannot write the bundle folder {str(out)!r}: it {what}; give a new or empty folder.")
+    real, cwd, home = out.resolve(), Path.cwd().resolve(), Path.home().resolve()
+    if real == cwd or real in cwd.parents or real == home or (out / ".git").exists():
+        what = "the current folder" if real == cwd else "a repository" if (out / ".git").exists() else None
+        what = what or ("the home folder" if real == home else "a parent of the current folder")
+        raise ValueError(f"refusing to write the bundle into {str(out)!r}: it is {what}; give a new or empty folder.")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise ValueError(
+                f"{str(out)!r} holds files that export-bundle did not write (no {MARKER}); it is never replaced: "
+                "give a new or empty folder."
+            )
+        if not overwrite:
+            raise FileExistsError(f"{str(out)!r} holds an earlier export; pass --overwrite True to replace it.")
+    zipped = out.with_suffix(".zip")
+    if archive and zipped.exists():
+        if not _ours_zip(zipped, out.name):
+            raise ValueError(
+                f"{str(zipped)!r} exists and is not an export of {out.name!r}; it is never replaced: move it or give "
+                "another folder name."
+            )
+        if not overwrite:
+            raise FileExistsError(f"{str(zipped)!r} holds an earlier export; pass --overwrite True to replace it.")
+
+
 def export_bundle(output_dir: Union[str, Path], overwrite: bool = False, archive: bool = True) -> str:
     """Write the self-contained model-zoo bundle folder ``output_dir`` (and ``output_dir.zip``).
 
@@ -83,12 +138,12 @@ def export_bundle(output_dir: Union[str, Path], overwrite: bool = False, archive
         The bundle folder (or the zip, when ``archive``).
 
     Raises:
-        FileExistsError: when ``output_dir`` exists and is not empty and ``overwrite`` is false.
+        FileExistsError: when ``output_dir`` holds an earlier export and ``overwrite`` is false.
+        ValueError: for a folder the export never replaces (:func:`check_target`).
         FileNotFoundError: when the checkout lacks the bundle or its pretrained weights.
     """
-    out = Path(output_dir).resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{str(output_dir)!r} exists and is not empty; pass --overwrite True to replace it.")
+    out = Path(os.path.abspath(output_dir))
+    check_target(out, as_bool("overwrite", overwrite), as_bool("archive", archive))
     bundle = bundle_dir()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
@@ -100,8 +155,10 @@ def export_bundle(output_dir: Union[str, Path], overwrite: bool = False, archive
         _write_models(bundle, staged)
         _copy_package(staged / "custom")
         zipped = Path(shutil.make_archive(str(Path(tmp) / out.name), "zip", tmp, out.name)) if archive else None
+        (staged / MARKER).write_text(json.dumps({"command": "export-bundle", "version": __version__}) + "\n")
         if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+            check_target(out, True, False)  # checked again just before anything is removed
+            shutil.rmtree(out)
         staged.rename(out)
         if zipped is not None:
             zipped.replace(out.with_suffix(".zip"))

@@ -15,6 +15,8 @@ first file is written.
 
 import csv
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Union
 
@@ -25,6 +27,7 @@ from nibabel.filebasedimages import ImageFileError
 
 from custom.data.oasis import IMAGE_FILES
 from custom.data.transforms import drop_trailing_axes, pair_transforms
+from custom.errors import as_bool
 from custom.interop import check_itk_affine
 from custom.spatial import check_spatial_dims
 
@@ -32,12 +35,51 @@ __all__ = ["RegistrationPairs", "estimate_memory_gib", "infer_spatial_dims", "li
 
 NIFTI = (".nii.gz", ".nii")
 KEYS = ("moving", "fixed", "moving_label")
+LABEL_NAME = re.compile(r"(?:^|[_.+-])(?:a?seg\d*|aparc|labels?|mask|parc)(?:$|[_.+-])", re.IGNORECASE)
+"""File names of label maps (``slice_seg24``, ``seg35``, ``aparc+aseg``, ``mask``...), which a folder of moving
+images skips; ``brainmask`` (a skull-stripped image) is not one."""
+MAX_LABELS = 64
+"""An integer-valued image with at most this many distinct values is taken for a label map, not an image."""
+MIN_SIZE = 16
+"""Images need at least this many voxels along each registered axis (the network's coarsest level and the LNCC
+window of 9 need room)."""
+MIN_FOREGROUND = (1e-3, 16)
+"""Images whose voxels differ from their background (most common value) in less than this fraction of the voxels, or
+in fewer than this many voxels, are refused: nothing to register."""
 BASE_GIB = 0.6
 BYTES_PER_VOXEL = 220
 """Peak resident memory of registering one pair: about ``BASE_GIB`` (Python, torch, MONAI) plus
 ``BYTES_PER_VOXEL`` per voxel of the fixed grid (measured for 3D pairs with the default refinement: 1.75 GiB for
 160x192x224; the refinement's slabs bound the rest). With 8 GiB a pair of up to about 36 million voxels (e.g.
 320x320x352) fits."""
+
+
+def label_count(data: np.ndarray) -> Optional[int]:
+    """The number of distinct values of an integer-valued array (``None`` when it has fractional values)."""
+    if data.size == 0 or not np.array_equal(data, np.round(data)):
+        return None
+    low, high = float(data.min()), float(data.max())
+    if high - low > 1e6:
+        return int(np.unique(data).size)
+    return int(np.count_nonzero(np.bincount((data.ravel() - low).astype(np.int64))))
+
+
+def looks_like_labels(data: np.ndarray) -> bool:
+    """Whether an array is a label map (integer values, at most :data:`MAX_LABELS` distinct ones)."""
+    count = label_count(data)
+    return count is not None and count <= MAX_LABELS
+
+
+def _is_label_file(path: Path) -> bool:
+    """A label map by its name (:data:`LABEL_NAME`, the release's label files) or, for integer-typed files, by its
+    content (:func:`looks_like_labels`)."""
+    if LABEL_NAME.search(path.name.split(".nii")[0]):
+        return True
+    try:
+        image = nib.load(str(path))
+        return np.issubdtype(image.get_data_dtype(), np.integer) and looks_like_labels(np.asarray(image.dataobj))
+    except Exception:  # unreadable: reported with its name when the pairs are checked
+        return False
 
 
 def estimate_memory_gib(shape) -> float:
@@ -80,11 +122,13 @@ def list_pairs(
     moving_label: Optional[str] = None,
     pairs: Optional[str] = None,
     dataset_dir: Union[str, Path] = ".",
+    report: bool = True,
 ) -> List[Dict[str, str]]:
     """The pairs to register, from one of three forms; relative paths are taken from ``dataset_dir``.
 
     - ``moving`` and ``fixed`` files (and optionally ``moving_label``): one pair;
-    - ``moving`` a folder and ``fixed`` a file: every NIfTI in the folder to that fixed image (no labels);
+    - ``moving`` a folder and ``fixed`` a file: every NIfTI image in the folder to that fixed image (no labels;
+      label maps, by name or content, are skipped and, with ``report``, named on stderr);
     - ``pairs`` a CSV file with columns ``moving,fixed[,moving_label]`` (paths relative to the CSV).
 
     Raises:
@@ -103,14 +147,25 @@ def list_pairs(
             raise FileNotFoundError(f"pairs CSV {pairs!r} does not exist.")
         with table.open(newline="", encoding="utf-8-sig") as f:  # a byte-order mark is not part of the header
             rows = list(csv.DictReader(f))
-        if not rows or not {"moving", "fixed"} <= set(rows[0]):
-            raise ValueError(f"pairs CSV {pairs!r} needs a header with columns moving,fixed[,moving_label].")
+        with table.open(newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+        if not {"moving", "fixed"} <= {h.strip() for h in header}:
+            raise ValueError(
+                f"pairs CSV {pairs!r} needs a header with columns moving,fixed[,moving_label], got {header[:4]}."
+            )
+        if not rows:
+            raise ValueError(f"pairs CSV {pairs!r} has its header but no rows: no pairs to register.")
         out = []
         for line, r in enumerate(rows, start=2):
             empty = [k for k in ("moving", "fixed") if not (r.get(k) or "").strip()]
             if empty:
                 raise ValueError(f"pairs CSV {pairs!r} line {line}: empty {' and '.join(empty)} cell.")
-            out.append({k: str((table.parent / r[k].strip()).resolve()) for k in KEYS if (r.get(k) or "").strip()})
+            pair = {k: str((table.parent / r[k].strip()).resolve()) for k in KEYS if (r.get(k) or "").strip()}
+            if pair in out:
+                raise ValueError(
+                    f"pairs CSV {pairs!r} line {line} repeats line {out.index(pair) + 2}; list each pair once."
+                )
+            out.append(pair)
     elif moving and fixed:
         if Path(moving).is_dir():
             if moving_label:
@@ -118,9 +173,16 @@ def list_pairs(
                     "--moving_label goes with one moving file, not a folder; give labels per pair with --pairs "
                     "pairs.csv (columns moving,fixed,moving_label)."
                 )
-            files = sorted(str(p) for p in Path(moving).iterdir() if p.name.endswith(NIFTI))
+            found = sorted(p for p in Path(moving).iterdir() if p.name.endswith(NIFTI) and p.is_file())
+            skipped = [p.name for p in found if _is_label_file(p)]
+            files = [str(p) for p in found if p.name not in skipped]
+            if skipped and report:
+                print(f"skipped {len(skipped)} label map(s) in {moving!r}: {', '.join(skipped)}", file=sys.stderr)
             if not files:
-                raise FileNotFoundError(f"moving folder {moving!r} holds no .nii/.nii.gz files.")
+                raise FileNotFoundError(
+                    f"moving folder {moving!r} holds no .nii/.nii.gz images"
+                    + (f" (only label maps: {', '.join(skipped[:3])})." if skipped else ".")
+                )
             out = [{"moving": m, "fixed": fixed} for m in files]
         else:
             out = [{"moving": moving, "fixed": fixed, **({"moving_label": moving_label} if moving_label else {})}]
@@ -147,7 +209,7 @@ def infer_spatial_dims(
     """2 when the (first) fixed image is a single slice, 3 when it is a volume; 2 when there is no readable input
     yet (the errors about missing inputs come from :func:`list_pairs`)."""
     try:
-        first = list_pairs(moving, fixed, None, pairs, dataset_dir)[0]["fixed"]
+        first = list_pairs(moving, fixed, None, pairs, dataset_dir, report=False)[0]["fixed"]
         return 3 if _dims(nib.load(first).shape) >= 3 else 2
     except (ValueError, OSError, ImageFileError):  # reported with the file's name when the pairs are loaded
         return 2
@@ -215,8 +277,8 @@ class RegistrationPairs(torch.utils.data.Dataset):
         self.max_memory_gb = max_memory_gb
         self._pairs_fn = pairs
         self.spatial_dims = check_spatial_dims(spatial_dims)
-        self.resample = bool(resample)
-        self.itk_geometry = bool(itk_geometry)
+        self.resample = as_bool("resample", resample)
+        self.itk_geometry = as_bool("itk_geometry", itk_geometry)
         self._pairs: Optional[List[Dict[str, str]]] = None
         self._transforms = {label: pair_transforms(self.spatial_dims, label, self.resample) for label in (False, True)}
 
@@ -241,12 +303,19 @@ class RegistrationPairs(torch.utils.data.Dataset):
         for item in self.pairs:
             images = {key: _read(path, key) for key, path in item.items()}
             fixed = images["fixed"]
-            if self.resample and _dims(images["moving"].shape) != _dims(fixed.shape):
+            if 3 >= _dims(images["moving"].shape) != _dims(fixed.shape) <= 3:  # (a 4-D file is reported below)
                 raise ValueError(
-                    f"--resample True would put the {_dims(images['moving'].shape)}-D moving {item['moving']!r} onto "
-                    f"the {_dims(fixed.shape)}-D grid of fixed {item['fixed']!r}; give images of one dimensionality."
+                    f"moving {item['moving']!r} is a {_dims(images['moving'].shape)}-D image but fixed "
+                    f"{item['fixed']!r} is {_dims(fixed.shape)}-D; give a moving and a fixed image of one "
+                    "dimensionality (both single slices, or both volumes)."
                 )
             shapes = {key: _spatial(img.shape, self.spatial_dims, item[key], key) for key, img in images.items()}
+            for key in ("moving", "fixed"):
+                if min(shapes[key]) < MIN_SIZE:
+                    raise ValueError(
+                        f"{key} {item[key]!r} has a {'x'.join(map(str, shapes[key]))} grid: too small to register (at "
+                        f"least {MIN_SIZE} voxels along each of its {self.spatial_dims} axes)."
+                    )
             self._check_memory(shapes["fixed"], item["fixed"])
             if self.itk_geometry:
                 check_itk_affine(fixed.affine, f"fixed {item['fixed']!r}")
@@ -280,10 +349,31 @@ class RegistrationPairs(torch.utils.data.Dataset):
                 )
         elif data.min() == data.max():
             raise ValueError(f"{key} {path!r} is constant (every voxel {data.flat[0]:g}): nothing to register.")
+        else:
+            values, counts = np.unique(data.ravel()[:: max(1, data.size // 1_000_000)], return_counts=True)
+            foreground = 1.0 - counts.max() / counts.sum()
+            if foreground < MIN_FOREGROUND[0] or foreground * data.size < MIN_FOREGROUND[1]:
+                raise ValueError(
+                    f"{key} {path!r} is nearly empty: {100 * foreground:.3f}% of its voxels ({foreground * data.size:.0f}) "
+                    f"differ from its background value {values[counts.argmax()]:g} (at least {100 * MIN_FOREGROUND[0]:g}% "
+                    f"and {MIN_FOREGROUND[1]} voxels needed): nothing to register."
+                )
+            if looks_like_labels(data):
+                hint = "pass it as --moving_label" if key == "moving" else "give the fixed image, not its label map"
+                raise ValueError(
+                    f"{key} {path!r} looks like a label map ({label_count(data)} distinct integer values), not an image: "
+                    f"{hint} (label maps are warped by nearest neighbour, never registered as images)."
+                )
 
     def _check_memory(self, shape: List[int], path: str) -> None:
         need = estimate_memory_gib(shape)
         limit = self.max_memory_gb or _available_gib()
+        if self.max_memory_gb is not None and self.max_memory_gb < BASE_GIB:
+            raise ValueError(
+                f"max_memory_gb {self.max_memory_gb:g} is below the {BASE_GIB} GiB that any registration needs (Python, "
+                f"torch and MONAI); give at least {estimate_memory_gib(shape):.1f} for this {'x'.join(map(str, shape))} "
+                "grid, or leave it unset (the memory available)."
+            )
         if need > limit:
             fits = int((limit - BASE_GIB) * 2**30 / BYTES_PER_VOXEL) if limit > BASE_GIB else 0
             raise ValueError(

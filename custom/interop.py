@@ -24,7 +24,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from custom.atomic import atomic_path
+from custom.atomic import SIGNATURE, atomic_path, check_replaceable
+from custom.errors import as_bool
 
 __all__ = [
     "APPLY_MODES",
@@ -64,6 +65,7 @@ def check_itk_affine(affine: np.ndarray, name: str = "the fixed image", atol: fl
 def _header() -> nib.Nifti1Header:
     header = nib.Nifti1Header()
     header.set_xyzt_units("mm", "sec")
+    header["descrip"] = SIGNATURE.encode()
     return header
 
 
@@ -141,6 +143,7 @@ def _write_metaimage(path: Path, vectors: np.ndarray, affine: np.ndarray) -> Non
     header = {
         "ObjectType": "Image",
         "NDims": 3,
+        "Comment": SIGNATURE,
         "BinaryData": "True",
         "BinaryDataByteOrderMSB": "False",
         "CompressedData": "True",
@@ -250,6 +253,7 @@ def _check_output(output: Path, inputs, overwrite: bool) -> None:
         raise ValueError(f"the output must be a .nii.gz or .nii file, got {output.name!r}.")
     if any(output.resolve() == Path(p).resolve() for p in inputs):
         raise ValueError(f"the output {str(output)!r} is one of the inputs; inputs are never overwritten.")
+    check_replaceable([output])
     if output.exists() and not overwrite:
         raise FileExistsError(f"{str(output)!r} exists; pass --overwrite True to replace it.")
 
@@ -270,7 +274,8 @@ def apply_field(
         output: the warped image (``.nii.gz``/``.nii``), with the field's geometry.
         mode: ``"linear"`` for images, ``"nearest"`` for label maps, or ``"auto"``: nearest for integer data.
         jacobian: also write ``<output>_jacobian.nii.gz``, the field's Jacobian determinant.
-        overwrite: replace existing outputs.
+        overwrite: replace existing outputs (only files this project wrote, see
+            :func:`~custom.atomic.check_replaceable`).
 
     Returns:
         The files written.
@@ -285,7 +290,7 @@ def apply_field(
 
     if mode not in APPLY_MODES:
         raise ValueError(f"mode must be one of {APPLY_MODES}, got {mode!r}.")
-    output = Path(output)
+    jacobian, overwrite, output = as_bool("jacobian", jacobian), as_bool("overwrite", overwrite), Path(output)
     stem = output.name[: -len(".nii.gz")] if output.name.endswith(".nii.gz") else output.stem
     outputs = [output] + ([output.with_name(f"{stem}_jacobian.nii.gz")] if jacobian else [])
     for path in outputs:
@@ -308,6 +313,7 @@ def apply_field(
     with torch.no_grad():
         warped = SpatialTransformer("nearest" if nearest else "bilinear")(data, ddf[None])[0, 0].numpy()
     header = moving.header.copy()
+    header["descrip"] = SIGNATURE.encode()
     header.set_data_dtype(moving.get_data_dtype() if nearest else np.float32)
     results = [nib.Nifti1Image(warped.reshape(moving.shape).astype(header.get_data_dtype()), affine, header)]
     if jacobian:

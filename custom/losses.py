@@ -249,8 +249,8 @@ class PairLoss(nn.Module):
     def __init__(self, spatial_dims: int, similarity: str = "lncc", smooth_weight: float = 1.0, kernel_size: int = 9):
         super().__init__()
         spatial_dims = check_spatial_dims(spatial_dims)
-        if similarity not in ("lncc", "mse"):
-            raise ValueError(f"loss must be 'lncc' or 'mse', got {similarity!r}.")
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be 'lncc' or 'mse', got {similarity!r}.")
         self.similarity = LocalNCCLoss(spatial_dims, kernel_size) if similarity == "lncc" else MSELoss()
         self.smoothness = GradLoss("l2")
         self.smooth_weight = float(smooth_weight)
@@ -273,6 +273,9 @@ class PairLoss(nn.Module):
             return self.similarity(warped, pair[:, 1:]) + self.smooth_weight * self.smoothness(ddf)
 
 
+SIMILARITIES = ("lncc", "mse")
+
+
 def similarity_name(similarity: str, loss: Optional[str] = None) -> str:
     """The configs' similarity (``"lncc"`` or ``"mse"``), honouring the deprecated key ``loss`` that named it before.
 
@@ -281,6 +284,8 @@ def similarity_name(similarity: str, loss: Optional[str] = None) -> str:
         loss: the deprecated ``loss`` key; when given it wins, with a ``FutureWarning``.
     """
     if loss is None:
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}.")
         return similarity
     warnings.warn(
         f"the config key 'loss' is deprecated (it names the similarity): use --similarity {loss} instead.",

@@ -4,6 +4,7 @@ Jacobian map and ``pairs_out.csv`` (the file names are described in :mod:`custom
 import csv
 import io
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Union
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from custom.atomic import atomic_write_text
+from custom.atomic import SIGNATURE, atomic_write_text, check_replaceable
+from custom.errors import as_bool
 from custom.inference import KEYS, RegistrationPairs
 from custom.interop import DDF_FORMATS, field_suffix, write_field
 from custom.losses import LocalNCCLoss
@@ -21,7 +23,10 @@ from custom.metrics import jacobian_determinant
 from custom.warp import SpatialTransformer
 from custom.workflow import decollated
 
-__all__ = ["RegistrationWriter"]
+__all__ = ["IMPROVEMENT", "RegistrationWriter"]
+
+IMPROVEMENT = 1e-3
+"""A pair whose LNCC rises by no more than this is flagged (a warning line and ``pairs_out.csv``'s ``warning``)."""
 
 
 class RegistrationWriter:
@@ -51,8 +56,8 @@ class RegistrationWriter:
             raise ValueError(f"ddf_format must be one of {DDF_FORMATS}, got {ddf_format!r}.")
         self.output_dir = Path(output_dir)
         self.ddf_format = ddf_format
-        self.jacobian = bool(jacobian)
-        self.overwrite = bool(overwrite)
+        self.jacobian = as_bool("jacobian", jacobian)
+        self.overwrite = as_bool("overwrite", overwrite)
         self.warp = SpatialTransformer("bilinear")
         self.warp_labels = SpatialTransformer("nearest")
         self.written: List[str] = []
@@ -76,7 +81,8 @@ class RegistrationWriter:
         (nor ``pairs_out.csv``) unless ``overwrite``.
 
         Raises:
-            ValueError: for a folder that cannot be created or written.
+            ValueError: for a folder that cannot be created or written, or an existing file of an output's name that
+                we did not write (never replaced, :func:`~custom.atomic.check_replaceable`).
             FileExistsError: for outputs of an earlier run.
         """
         folder = next((p for p in [self.output_dir, *self.output_dir.parents] if p.exists()), Path("."))
@@ -88,13 +94,12 @@ class RegistrationWriter:
                 f"cannot write to the output folder {str(self.output_dir)!r}: {str(folder)!r} is not a writable "
                 f"folder ({error.strerror or error})."
             ) from None
-        if self.overwrite:
-            return
         paths = [self.output_dir / "pairs_out.csv"]
         for item, name in zip(dataset.pairs, dataset.names):
             paths += self._outputs(name, dataset.spatial_dims, "moving_label" in item).values()
+        check_replaceable(paths)
         existing = [p.name for p in paths if p.exists()]
-        if existing:
+        if existing and not self.overwrite:
             raise FileExistsError(
                 f"{str(self.output_dir)!r} already holds outputs of these pairs ({', '.join(existing[:3])}"
                 f"{', ...' if len(existing) > 3 else ''}); pass --overwrite True to replace them, or give another "
@@ -103,6 +108,7 @@ class RegistrationWriter:
 
     def _image(self, array: torch.Tensor, reference: nib.Nifti1Image, dtype) -> nib.Nifti1Image:
         header = reference.header.copy()
+        header["descrip"] = SIGNATURE.encode()
         header.set_data_dtype(dtype)
         return nib.Nifti1Image(array.numpy().astype(dtype).reshape(reference.shape), reference.affine, header)
 
@@ -154,8 +160,17 @@ class RegistrationWriter:
                 lncc = self._lncc[ddf.shape[1]]
                 before, after = -float(lncc(moving, fixed)), -float(lncc(warped[:, 1:], fixed))
             row = self._write_pair(item, ddf, warped[0, 0])
+            warning = "" if after > before + IMPROVEMENT else f"LNCC did not improve ({before:.3f} -> {after:.3f})"
+            row.update(lncc_before=f"{before:.4f}", lncc_after=f"{after:.4f}", warning=warning)
             files = ", ".join(row[k] for k in ("warped", "ddf", "warped_label", "jacobian") if row.get(k))
             print(f"{item['name']}: LNCC {before:.3f} -> {after:.3f}; wrote {files} in {self.output_dir}", flush=True)
+            if warning:
+                print(
+                    f"warning: {item['name']}: {warning}: check that the two images show the same anatomy and "
+                    "overlap; the outputs are written but are likely no registration.",
+                    file=sys.stderr,
+                    flush=True,
+                )
             self.rows.append(row)
 
     def _write_table(self, engine: Engine) -> None:

@@ -25,6 +25,7 @@ inference configs call it in place of ``SimpleInferer``.
 """
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Tuple, Union
@@ -253,7 +254,10 @@ def refine(
     if progress and sum(options.steps):
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(options.steps), desc="refine", leave=False, unit="step")
+        bar = tqdm(total=sum(options.steps), desc="refine", leave=False, unit="step", disable=None)  # terminals only
+        if bar.disable:  # a log file gets one line, not a bar's frames
+            levels = ", ".join(f"{n} at 1/{f}" for f, n in zip(options.levels, options.steps))
+            print(f"refine: up to {sum(options.steps)} steps ({levels})", file=sys.stderr, flush=True)
     with torch.enable_grad():
         for factor, steps in zip(options.levels, options.steps):
             if steps == 0:

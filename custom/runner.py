@@ -18,7 +18,7 @@ import yaml
 from ignite.engine import Engine, Events
 from ignite.handlers import TimeLimit
 
-from custom.errors import closest, exit_on_user_error
+from custom.errors import as_bool, closest, exit_on_user_error
 from custom.workflow import iteration_loss
 
 __all__ = [
@@ -143,6 +143,8 @@ def check_checkpoint(path: Union[str, Path]) -> None:
         FileNotFoundError: for a missing file.
         ValueError: for a corrupt, truncated or foreign file (a pickle of arbitrary objects is never loaded).
     """
+    if Path(path).is_dir():
+        raise ValueError(f"model file {str(path)!r} is a folder; give the .pt file (e.g. {str(path)!r}/model.pt).")
     if not Path(path).is_file():
         raise FileNotFoundError(f"model file {str(path)!r} does not exist; train first or pass --model_path.")
     try:
@@ -196,10 +198,11 @@ def _options(argv: Sequence[str]) -> Dict[str, str]:
     return options
 
 
-def _config_keys(path: str) -> set:
+def _config_keys(path: str) -> Dict[str, object]:
+    """The top-level keys of a config file (``+key`` and ``key#path`` by their first part) with their values."""
     text = Path(path).read_text()
     config = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    return {key.lstrip("+").split("#")[0] for key in (config or {})}
+    return {key.lstrip("+").split("#")[0]: value for key, value in (config or {}).items()}
 
 
 def check_bundle_arguments(argv: Sequence[str]) -> None:
@@ -211,7 +214,8 @@ def check_bundle_arguments(argv: Sequence[str]) -> None:
 
     Raises:
         ValueError: for a key that is neither an option of ``run`` nor a key (or the first part of a ``#`` path) of
-            the merged config files, naming the closest valid key.
+            the merged config files, naming the closest valid key, or a value of a boolean key (one whose config
+            value is ``true``/``false``) that :func:`~custom.errors.as_bool` does not take.
     """
     if not argv or argv[0] != "run":  # the other verbs (ckpt_export, verify_net_in_out, ...) have their own options
         return
@@ -220,14 +224,17 @@ def check_bundle_arguments(argv: Sequence[str]) -> None:
     if not files:
         return
     paths = ast.literal_eval(files) if files.startswith("[") else [files]
-    valid = set(MONAI_RUN_ARGS)
+    valid, defaults = set(MONAI_RUN_ARGS), {}
     for path in paths:
         if not Path(path).is_file():
             raise FileNotFoundError(f"config file {path!r} does not exist.")
-        valid |= _config_keys(path)
+        defaults.update(_config_keys(path))
+    valid |= set(defaults)
     for key in options:
         root = key.split("#")[0]
         if root not in valid:
             match = closest(root, sorted(valid))
             hint = f"; did you mean --{match}?" if match else "; see the config files for the valid keys."
             raise ValueError(f"unknown option --{key}: not a key of {', '.join(paths)}{hint}")
+        if isinstance(defaults.get(key), bool) and options[key] and not options[key].startswith("--"):
+            as_bool(key, options[key])  # a bare --flag is true

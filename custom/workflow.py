@@ -27,7 +27,7 @@ from monai.data import decollate_batch
 from monai.handlers import from_engine
 
 from custom.atomic import atomic_write_text
-from custom.errors import check_integer, check_number
+from custom.errors import as_bool, check_integer, check_number
 from custom.losses import LocalNCCLoss
 from custom.metrics import jacobian_determinant, pair_metrics, summarize
 from custom.spatial import check_spatial_dims
@@ -259,7 +259,7 @@ def enable_resume(
     """
     from monai.handlers import CheckpointLoader
 
-    folder = Path(checkpoint_dir)
+    folder, resume = Path(checkpoint_dir), as_bool("resume", resume)
     run_id = _run_id(folder) if resume else None
     if run_id is None:
         run_id = datetime.now().strftime("%Y%m%d-%H%M%S-") + f"{os.getpid()}"
@@ -394,4 +394,8 @@ class PairMetricsWriter:
         atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=4) + "\n")
         lines = ["| metric | mean | std | pairs |", "|---|---:|---:|---:|"]
         lines += [f"| {k} | {v['mean']:.4f} | {v['std']:.4f} | {v['n']} |" for k, v in summary.items()]
+        if "dice_mean" not in summary:
+            note = "no label maps: Dice, worst-30% Dice and HD95 are not measured (give --label, e.g. aligned_seg35)"
+            lines.append(f"\n{note}.")
+            print(f"note: {note}.", flush=True)
         atomic_write_text(self.output_dir / "summary.md", "\n".join(lines) + "\n")

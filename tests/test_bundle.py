@@ -209,6 +209,11 @@ def infer_ws(tmp_path_factory):
     (ws / "pairs_nan.csv").write_text(f"moving,fixed\n{good}\nnan.nii.gz,{S1}/slice_norm.nii.gz\n")
     (ws / "pairs_empty.csv").write_text(f"moving,fixed\n{good}\n{S2}/slice_norm.nii.gz, \n")
     (ws / "pairs_header.csv").write_text(f"source,target\n{good}\n")
+    (ws / "pairs_twice.csv").write_text(f"moving,fixed\n{good}\n{good}\n")
+    (ws / "pairs_no_rows.csv").write_text("moving,fixed\n")
+    dot = np.zeros_like(data)
+    dot[3, 3, 0] = 1.0
+    nib.save(nib.Nifti1Image(dot, affine), str(ws / "dot.nii.gz"))
     return ws
 
 
@@ -296,9 +301,9 @@ BAD_INPUTS = [
             "--spatial_dims",
             "3",
             "--max_memory_gb",
-            "0.5",
+            "0.601",
         ],
-        r"24x28x20 grid: registering it needs about 0.6 GiB, more than the 0.5 GiB allowed",
+        r"24x28x20 grid: registering it needs about 0.6 GiB, more than the 0.6 GiB allowed",
     ),  # too large
     ("evaluate", ["--eval_split", "dev"], "split must be 'train', 'val', 'test' or 'all', got 'dev'"),  # unknown split
     ("evaluate", ["--eval_split", "all", "--model_path", "maxpool.pt"], "checkpoint is for a 2D 'maxpool'"),  # variant
@@ -338,8 +343,24 @@ BAD_INPUTS = [
     (
         "inference",
         ["--moving", f"{S2}/aligned_norm.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz", "--resample", "True"],
-        "would put the 3-D moving .* onto the 2-D grid",
+        "is a 3-D image but fixed .* is 2-D; give a moving and a fixed image of one dimensionality",
     ),  # resampling that changes dimensionality
+    (
+        "register",
+        ["--moving", f"{S2}/aligned_norm.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"],
+        "is a 3-D image but fixed .* is 2-D",
+    ),  # no advice to set the spatial_dims that would fail the other way
+    (
+        "register",
+        ["--moving", f"{S2}/slice_seg4.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"],
+        "looks like a label map .*pass it as --moving_label",
+    ),  # a label map registered as an image
+    ("register", ["--moving", "dot.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"], "is nearly empty"),  # one voxel
+    ("register", PAIR + ["--max_memory_gb", "0.01"], "max_memory_gb 0.01 is below the 0.6 GiB"),  # no cropping advice
+    ("register", ["--pairs", "pairs_twice.csv"], "line 3 repeats line 2"),  # the same pair twice
+    ("register", ["--pairs", "pairs_no_rows.csv"], "has its header but no rows"),  # nothing to register
+    ("inference", PAIR + ["--overwrite", "nope"], "overwrite must be true or false"),  # not a boolean
+    ("train", ["--resume", "nope"], "resume must be true or false"),  # not a boolean
     ("inference", PAIR + ["--output_dir", "afile/out"], "'afile' is not a writable folder"),  # unwritable output
     ("register", PAIR + ["--output_dir", "afile/out"], "'afile' is not a writable folder"),  # unwritable output
 ]
@@ -376,11 +397,19 @@ def test_rerun_refuses_overwrite_replaces_and_interrupt_leaves_complete_pairs(in
     first = run(cmd, cwd=infer_ws)
     assert "LNCC" in first.stdout and "_ddf.mha" in first.stdout  # the files written and the similarity
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    again = run(cmd, cwd=infer_ws, check=False)
-    assert again.returncode == 2 and "already holds outputs of these pairs" in again.stderr.strip().splitlines()[-1]
+    for flag in ([], ["--overwrite", "false"]):  # a lowercase false is false
+        again = run(cmd + flag, cwd=infer_ws, check=False)
+        assert again.returncode == 2 and "already holds outputs of these pairs" in again.stderr.strip().splitlines()[-1]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    header = next(csv.DictReader((out / "pairs_out.csv").open()))
+    assert set(header) >= {"lncc_before", "lncc_after", "warning"}
     run(cmd + ["--overwrite", "True"], cwd=infer_ws)
     assert all(p.stat().st_mtime_ns > stamps[p.name] for p in out.iterdir())
+    warped = next(out.glob("*_warped.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), str(warped))  # now a user's file
+    foreign = run(cmd + ["--overwrite", "yes"], cwd=infer_ws, check=False)
+    assert foreign.returncode == 2 and "was not written by vxm-lite" in foreign.stderr.strip().splitlines()[-1]
+    assert nib.load(str(warped)).shape == (2, 2, 2)  # never replaced
     torch.save(RegistrationNet(3, "both").state_dict(), tmp_path / "both3d.pt")
     volumes = ["--moving", f"{S2}/aligned_norm.nii.gz", "--fixed", f"{S1}/aligned_norm.nii.gz"]
     slow = INFERENCE + volumes + ["--model_path", str(tmp_path / "both3d.pt"), "--output_dir", str(tmp_path / "cut")]

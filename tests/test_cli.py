@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from custom import RegistrationNet
+from custom.cli import _commands, boolean_options, parse_booleans
 from custom.data import make_demo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,6 +179,32 @@ def test_register_plot_evaluate(ws):
     assert "dice_mean" in (ws / "ev" / "summary.md").read_text()
 
 
+BOOLEAN_OPTIONS = [(command, option) for command in _commands() for option in boolean_options(command)]
+BOOLEAN_WORDS = [("false", "False"), ("No", "False"), ("0", "False"), ("TRUE", "True"), ("yes", "True"), ("1", "True")]
+
+
+def test_every_command_has_its_booleans_found():
+    assert ("register", "overwrite") in BOOLEAN_OPTIONS and ("export-bundle", "overwrite") in BOOLEAN_OPTIONS
+    assert {c for c, _ in BOOLEAN_OPTIONS} == {"register", "apply", "export-bundle", "accuracy", "pretrain", "scale"}
+
+
+@pytest.mark.parametrize("command,option", BOOLEAN_OPTIONS)
+def test_every_boolean_option_is_parsed_once(command, option):
+    """Every boolean option of every command, spelled as a user would: --opt WORD, --opt=WORD, a bare flag."""
+    for word, parsed in BOOLEAN_WORDS:
+        assert parse_booleans([command, "x", f"--{option}", word, "--y", "1"]) == [
+            command,
+            "x",
+            f"--{option}={parsed}",
+            "--y",
+            "1",
+        ]
+        assert parse_booleans([command, f"--{option}={word}"]) == [command, f"--{option}={parsed}"]
+    assert parse_booleans([command, f"--{option}", "--y", "1"]) == [command, f"--{option}", "--y", "1"]
+    with pytest.raises(ValueError, match=f"{option} must be true or false"):
+        parse_booleans([command, f"--{option}", "maybe"])
+
+
 S1, S2 = "data/demo/OASIS_OAS1_0001_MR1", "data/demo/OASIS_OAS1_0002_MR1"
 REGISTER = ["register", "--moving", f"{S2}/slice_norm.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"]
 APPLY = ["apply", "--image", f"{S2}/slice_norm.nii.gz", "--output", "out/warped.nii.gz"]
@@ -204,7 +231,13 @@ BAD_ARGS = [
     (REGISTER + ["--refine_levels", "[1,2]"], "refine_levels must go from coarse to fine"),  # fine first
     (APPLY + ["--field", f"{S2}/slice_norm.nii.gz"], "is not a displacement field"),  # an image as the field
     (APPLY + ["--field", "out/none_ddf.mha"], "field file 'out/none_ddf.mha' does not exist"),  # no field
-    (["export-bundle", "data"], "'data' exists and is not empty"),  # never overwrites
+    (["export-bundle", "data"], "holds files that export-bundle did not write"),  # never overwrites
+    (["export-bundle", "data", "--overwrite", "True"], "it is never replaced"),  # not even when told
+    (["export-bundle", ".", "--overwrite", "True"], "it is the current folder"),  # the checkout itself
+    (["export-bundle", "data/demo/subjects.txt/x"], "which is a file"),  # a path under a file: no raw Errno 17
+    (["export-bundle", "new", "--overwrite", "maybe"], "overwrite must be true or false"),  # not a boolean
+    (REGISTER + ["--similarity", "ncc"], "similarity must be one of ('lncc', 'mse'), got 'ncc'"),  # the option's name
+    (REGISTER + ["--model_path", "data"], "model file 'data' is a folder"),  # a folder is not missing
 ]
 
 

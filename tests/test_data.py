@@ -161,6 +161,45 @@ def test_split_from_lists_and_fractions(demo):
     assert len(split_subjects(subjects, num_val=0.5, num_test=0.0)["val"]) == 3
 
 
+SPLIT_SIZES = [
+    # (subjects, num_val, num_test, minimum, (train, val, test))
+    (4, 0.2, 0.2, 2, (2, 2, 0)),  # 4 subjects train with the defaults: the test split gives way
+    (6, 0.2, 0.2, 2, (2, 2, 2)),  # the six labelled subjects: every split can be paired
+    (12, 0.2, 0.2, 2, (8, 2, 2)),  # the demo: unchanged
+    (3, 0.2, 0.2, 1, (1, 1, 1)),  # one subject per split is enough for slice pairs
+    (5, 0.2, 0.2, 2, (3, 2, 0)),  # rounding up to what pairing needs
+    (20, 0.2, 0.2, 2, (12, 4, 4)),  # large enough: plain rounding
+    (6, 1, 0.0, 2, (5, 1, 0)),  # counts are taken as given
+    (2, 0.2, 0.2, 2, (2, 0, 0)),  # two subjects: all for training
+]
+
+
+@pytest.mark.parametrize("n,num_val,num_test,minimum,sizes", SPLIT_SIZES)
+def test_splits_round_to_what_pairing_needs(n, num_val, num_test, minimum, sizes):
+    subjects = [{"subject": f"s{i}"} for i in range(n)]
+    split = split_subjects(subjects, num_val, num_test, minimum=minimum)
+    assert tuple(len(split[k]) for k in ("train", "val", "test")) == sizes
+
+
+@pytest.mark.parametrize(
+    "n,num_val,num_test,message",
+    [
+        (4, 2, 1, r"--num_val 2 and --num_test 1 ask for 2 validation \+ 1 test subjects of the 4 found, leaving 1"),
+        (3, 0.2, 2, r"--num_val 0.2 and --num_test 2 ask for 0 validation \+ 2 test"),  # a count wins over a fraction
+    ],
+)  # counts that leave training too few subjects name the options and the counts
+def test_splits_that_cannot_train_name_the_options(n, num_val, num_test, message):
+    subjects = [{"subject": f"s{i}"} for i in range(n)]
+    with pytest.raises(ValueError, match=message):
+        split_subjects(subjects, num_val, num_test, minimum=2)
+
+
+def test_an_empty_split_names_the_options(tmp_path):
+    make_demo(tmp_path / "d", num_subjects=4, shape=(24, 28, 20))
+    with pytest.raises(ValueError, match=r"the test split is empty or too small to pair: 4 subjects found.*--num_val"):
+        build_pair_dataset(tmp_path / "d", split="test", spatial_dims=2)
+
+
 # --- loading and slicing ----------------------------------------------------------------------------------
 
 

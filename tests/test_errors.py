@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from custom.errors import check_integer, check_number, closest
+from custom.errors import as_bool, check_integer, check_number, closest
 
 GOOD = [
     # (check, value, expected)
@@ -47,3 +47,30 @@ def test_invalid_options_name_themselves(check, value, message):
 def test_closest_choice():
     assert closest("--refine_step", ["--refine_steps", "--refine_lr"]) == "--refine_steps"
     assert closest("--xyz", ["--refine_steps", "--refine_lr"]) is None
+
+
+BOOLEANS = [
+    # (value, parsed)
+    (True, True),  # a bool as it is
+    (False, False),  # a bool as it is
+    (1, True),  # fire's --flag 1
+    (0, False),  # fire's --flag 0
+    ("true", True),  # lowercase, as fire hands it over
+    ("false", False),  # the case that counted as true
+    ("FALSE", False),  # any case
+    ("Yes", True),  # yes/no
+    ("no", False),  # yes/no
+    (" 0 ", False),  # spaces around
+    ("1", True),  # a digit string (monai.bundle's --key 1)
+]
+
+
+@pytest.mark.parametrize("value, parsed", BOOLEANS)
+def test_one_boolean_parser(value, parsed):
+    assert as_bool("overwrite", value) is parsed
+
+
+@pytest.mark.parametrize("value", ["maybe", "", "2", 2, None, 0.5, "ture"])  # words, numbers and nothing else
+def test_non_booleans_are_refused_naming_the_option(value):
+    with pytest.raises(ValueError, match=r"overwrite must be true or false \(also yes/no, 1/0, in any case\), got"):
+        as_bool("overwrite", value)

@@ -6,11 +6,12 @@ import os
 import subprocess
 import textwrap
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from custom.export import export_bundle
+from custom.export import MARKER, export_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -73,16 +74,53 @@ def run(args, cwd, timeout=600):
     return proc
 
 
-def test_export_refuses_a_non_empty_folder_and_replaces_it_when_told(tmp_path):
+def _foreign(tmp_path: Path) -> Path:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    return folder
+
+
+REFUSED = [
+    # (make the target in tmp_path, overwrite, message); nothing in tmp_path may change
+    (_foreign, True, "holds files that export-bundle did not write"),  # someone else's folder, even when told
+    (lambda t: Path.cwd(), True, "it is the current folder"),  # the folder the user stands in
+    (lambda t: Path.cwd().parent, True, "a parent of the current folder"),  # and its parents
+    (lambda t: Path.home(), True, "it is the home folder"),  # home
+    (lambda t: (t / "repo" / ".git").mkdir(parents=True) or t / "repo", True, "it is a repository"),  # a checkout
+    (lambda t: (t / "afile").write_text("x") and t / "afile" / "out", False, "which is a file"),  # under a file
+    (lambda t: (t / "afile").write_text("x") and t / "afile", True, "it is a file"),  # a file
+    (lambda t: (t / "b.zip").write_text("x") and t / "b", True, "b.zip' exists and is not an export of"),  # a zip
+]
+
+
+@pytest.mark.parametrize("make,overwrite,message", REFUSED)
+def test_export_replaces_only_its_own_earlier_export(tmp_path, monkeypatch, make, overwrite, message):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for folder in ("home", "work"):
+        (tmp_path / folder).mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    target = make(tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    with pytest.raises(ValueError, match=message):
+        export_bundle(target, overwrite=overwrite)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def test_export_writes_a_marked_bundle_and_replaces_it_only_when_told(tmp_path):
     target = tmp_path / "zoo" / "vxm_lite"
-    target.mkdir(parents=True)
-    (target / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="exists and is not empty; pass --overwrite True"):
-        export_bundle(target)
-    assert [p.name for p in target.iterdir()] == ["notes.txt"]  # untouched
-    written = export_bundle(target, overwrite=True)
+    written = export_bundle(target)
     assert written == str(target.with_suffix(".zip")) and Path(written).is_file()
+    assert (target / MARKER).is_file() and MARKER not in str(zipfile.ZipFile(written).namelist())
+    stamp = (target / MARKER).stat().st_mtime_ns
+    for flag in (False, "false", "No"):  # a lowercase false is false
+        with pytest.raises(FileExistsError, match="holds an earlier export; pass --overwrite True"):
+            export_bundle(target, overwrite=flag)
+    assert (target / MARKER).stat().st_mtime_ns == stamp
+    export_bundle(target, overwrite="yes")
+    assert (target / MARKER).stat().st_mtime_ns != stamp
     assert sorted(p.name for p in target.iterdir()) == [
+        MARKER,
         "LICENSE",
         "configs",
         "custom",

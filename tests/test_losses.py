@@ -187,7 +187,7 @@ def test_pair_loss_adds_weighted_smoothness():
 
 
 def test_pair_loss_bad_similarity():
-    with pytest.raises(ValueError, match="loss must be 'lncc' or 'mse', got 'ssim'"):
+    with pytest.raises(ValueError, match="similarity must be 'lncc' or 'mse', got 'ssim'"):
         PairLoss(2, "ssim")
 
 

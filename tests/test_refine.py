@@ -190,7 +190,7 @@ BAD_OPTIONS = [
     ({"levels": [1, 2]}, "refine_levels must go from coarse to fine"),  # fine to coarse
     ({"downsample": 3}, r"refine_downsample must be one of \[1, 2, 4, 8\] or null"),  # unsupported factor
     ({"integration_steps": -2}, "refine_integration_steps must be an integer >= 0"),  # negative integration
-    ({"similarity": "ssim"}, "loss must be 'lncc' or 'mse'"),  # unknown similarity
+    ({"similarity": "ssim"}, "similarity must be 'lncc' or 'mse'"),  # unknown similarity
     ({"tolerance": -1e-3}, "refine_tolerance must be a finite number >= 0"),  # negative tolerance
     ({"patience": 0}, "refine_patience must be an integer >= 1"),  # no patience
 ]

@@ -1,5 +1,6 @@
 """The bundle runner: the command-line check of `python -m monai.bundle run` options and the checkpoint check."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ ACCEPTED = [
     ["run", "evaluating", "--config_file", MERGED, "--eval_split", "all"],  # a key of the second file
     ["run", "--config_file=" + TRAIN, "--meta_file", "m.json", "--logging_file", "l.conf"],  # run's own options
     ["ckpt_export", "network_def", "--filepath", "model.ts", "--config_file", TRAIN],  # another verb
+    ["run", "training", "--config_file", TRAIN, "--resume", "no", "--amp", "FALSE"],  # boolean words
+    ["run", "training", "--config_file", TRAIN, "--pretrained", "--epochs", "1"],  # a bare boolean flag
 ]
 
 
@@ -32,6 +35,20 @@ REFUSED = [
     (["run", "evaluating", "--config_file", MERGED, "--eval_splt", "all"], "did you mean --eval_split"),  # 2 files
     (["run", "--config_file", "nothing.json"], "config file 'nothing.json' does not exist"),  # missing config
 ]
+CONFIGS = {
+    name: str(REPO / "bundle" / "configs" / name)
+    for name in ("train.json", "inference.json", "evaluate.json", "multi_gpu_train.json")
+}
+BOOLEAN_KEYS = [
+    (name, key)
+    for name, path in CONFIGS.items()
+    for key, value in json.loads(Path(path).read_text()).items()
+    if isinstance(value, bool)
+]
+REFUSED += [
+    (["run", "x", "--config_file", CONFIGS[name], f"--{key}", "maybe"], f"{key} must be true or false")
+    for name, key in BOOLEAN_KEYS
+]  # every boolean key of every config refuses a non-boolean word
 
 
 @pytest.mark.parametrize("argv,message", REFUSED)
@@ -40,12 +57,16 @@ def test_unknown_bundle_arguments_are_refused(argv, message):
         check_bundle_arguments(argv)
 
 
+def test_every_boolean_key_is_checked():
+    assert {key for _, key in BOOLEAN_KEYS} == {"amp", "resume", "pretrained", "resample", "jacobian", "overwrite"}
+
+
 def test_check_checkpoint(tmp_path):
     torch.save({"w": torch.zeros(2)}, tmp_path / "ok.pt")
     check_checkpoint(tmp_path / "ok.pt")
     (tmp_path / "cut.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:40])
     torch.save([1, 2], tmp_path / "list.pt")
     cases = [("cut.pt", "is not a weights-only PyTorch checkpoint"), ("list.pt", "holds a list, not a state dict")]
-    for name, message in cases + [("none.pt", "does not exist")]:
+    for name, message in cases + [("none.pt", "does not exist"), (".", "is a folder; give the .pt file")]:
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             check_checkpoint(tmp_path / name)

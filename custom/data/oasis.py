@@ -6,7 +6,7 @@ A dataset root holds one folder per subject (e.g. ``OASIS_OAS1_0001_MR1/``) with
 
 import random
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 __all__ = ["IMAGE_FILES", "LABEL_FILES", "find_subjects", "split_subjects", "resolve_label"]
 
@@ -86,12 +86,29 @@ def find_subjects(
     return subjects
 
 
-def _count(size: Union[int, float], total: int, name: str) -> int:
+def _count(size: Union[int, float], total: int, name: str, minimum: int) -> int:
+    """A split's subject count: a fraction of ``total`` (rounded; at least ``minimum`` when it is > 0) or a count."""
     if isinstance(size, float) and 0 <= size < 1:
-        return int(round(size * total))
+        return max(int(round(size * total)), minimum if size > 0 else 0)
     if size < 0 or int(size) != size:
         raise ValueError(f"{name} must be a fraction in [0, 1) or a count >= 0, got {size!r}.")
     return int(size)
+
+
+def _sizes(n: int, num_val, num_test, minimum: int) -> Tuple[int, int]:
+    """Validation and test counts of ``n`` subjects; a fraction that would leave training fewer than ``minimum``
+    subjects gives up its share, the test split's first (training needs neither)."""
+    n_val, n_test = _count(num_val, n, "num_val", minimum), _count(num_test, n, "num_test", minimum)
+    for name, size in (("test", num_test), ("val", num_val)):
+        if n - n_val - n_test < minimum and isinstance(size, float):
+            n_val, n_test = (0, n_test) if name == "val" else (n_val, 0)
+    if n - n_val - n_test < minimum:
+        raise ValueError(
+            f"--num_val {num_val} and --num_test {num_test} ask for {n_val} validation + {n_test} test subjects of the "
+            f"{n} found, leaving {n - n_val - n_test} for training, which needs at least {minimum}; give smaller "
+            "counts (e.g. --num_val 0 --num_test 0) or more subjects."
+        )
+    return n_val, n_test
 
 
 def split_subjects(
@@ -101,6 +118,7 @@ def split_subjects(
     seed: int = 0,
     val_subjects: Optional[Sequence[str]] = None,
     test_subjects: Optional[Sequence[str]] = None,
+    minimum: int = 1,
 ) -> Dict[str, List[Dict[str, str]]]:
     """Split subjects into train / validation / test; a subject is in exactly one split.
 
@@ -111,6 +129,8 @@ def split_subjects(
         seed: the shuffle seed (the split is deterministic given the subjects and the seed).
         val_subjects: subject names for validation, instead of drawing them.
         test_subjects: subject names for testing, instead of drawing them.
+        minimum: the subjects a split needs to be paired (2 for inter-subject pairs): a fraction > 0 takes at least
+            this many, and fractions give way (test first) when training would be left fewer.
 
     Returns:
         ``{"train": [...], "val": [...], "test": [...]}``.
@@ -135,12 +155,7 @@ def split_subjects(
             "val": [by_name[s] for s in val],
             "test": [by_name[s] for s in test],
         }
-    n_val, n_test = _count(num_val, n, "num_val"), _count(num_test, n, "num_test")
-    if n_val + n_test >= n:
-        raise ValueError(
-            f"requested {n_val} validation + {n_test} test subjects, but there are only {n} subjects "
-            f"(at least one must remain for training)."
-        )
+    n_val, n_test = _sizes(n, num_val, num_test, minimum)
     order = sorted(by_name)
     random.Random(seed).shuffle(order)
     val_names, test_names = order[:n_val], order[n_val : n_val + n_test]

@@ -285,7 +285,14 @@ def _chosen_subjects(dataset_dir, split, pair_strategy, image, label, num_val, n
     for s in subjects:
         if "aligned_orig" in s:
             s["orig"] = s.pop("aligned_orig")
-    chosen = subjects if split == "all" else split_subjects(subjects, num_val, num_test, seed)[split]
+    minimum = 2 if pair_strategy == "inter_subject" else 1
+    chosen = subjects if split == "all" else split_subjects(subjects, num_val, num_test, seed, minimum=minimum)[split]
+    if len(chosen) < minimum:
+        raise ValueError(
+            f"the {split} split is empty or too small to pair: {len(subjects)} subjects found, with --num_val "
+            f"{num_val} and --num_test {num_test} it holds {len(chosen)} (pair_strategy {pair_strategy!r} needs "
+            f"{minimum}); use another --split (val, all) or pass --num_val/--num_test counts that give it {minimum}."
+        )
     if world > 1 and len(chosen) >= 2 * world:  # a share pairs its own subjects: at least two each
         chosen = partition_dataset(chosen, num_partitions=world, shuffle=True, seed=seed, even_divisible=True)[rank]
     if pair_strategy != "atlas":
