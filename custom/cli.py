@@ -110,6 +110,7 @@ class Commands:
         jacobian: bool = False,
         overwrite: bool = False,
         resample: bool = False,
+        affine: bool = False,
         similarity: str = "lncc",
         loss: Optional[str] = None,
         refine_steps: Union[int, Sequence[int], None] = None,
@@ -135,6 +136,9 @@ class Commands:
             jacobian: also write <name>_jacobian.nii.gz, the field's Jacobian determinant (<= 0 where it folds).
             overwrite: replace the outputs of an earlier run of the same pairs in output_dir (refused otherwise).
             resample: resample moving images (and labels) onto the fixed grid when their geometry differs.
+            affine: run the affine stage first (centres of mass, then rigid and affine, see custom.affine): moving
+                scans in their own space (any grid, orientation or field of view) need no resample; also writes
+                <name>_affine.txt (ITK AffineTransform_double_3_3, apply it after the field).
             similarity: the training similarity (lncc or mse), used by the refinement.
             loss: deprecated name of similarity.
             refine_steps: test-time refinement steps per pair at most, one number for every level or one per level

@@ -25,11 +25,13 @@ import numpy as np
 import torch
 from nibabel.filebasedimages import ImageFileError
 
+from custom.affine import align_affine, grid_coordinates, plane_affine, voxel_map
 from custom.data.oasis import IMAGE_FILES
 from custom.data.transforms import drop_trailing_axes, pair_transforms
 from custom.errors import as_bool
 from custom.interop import check_itk_affine
 from custom.spatial import check_spatial_dims
+from custom.warp import sample_at
 
 __all__ = ["RegistrationPairs", "estimate_memory_gib", "infer_spatial_dims", "list_pairs", "output_names"]
 
@@ -260,6 +262,13 @@ class RegistrationPairs(torch.utils.data.Dataset):
         resample: resample the moving image (linear) and label (nearest) onto the fixed image's grid with MONAI's
             ``ResampleToMatch`` when their geometry differs; otherwise a difference is an error.
         itk_geometry: require fixed affines that ITK can hold (no shear), for ITK-format fields.
+        affine: run the affine stage (:func:`custom.affine.align_affine`) first: the moving image may be on any grid
+            (no ``resample`` needed); ``moving`` is then the normalised moving image resampled through the affine
+            onto the fixed grid, while ``moving_raw`` and ``moving_label`` stay on the moving grid, and
+            ``moving_map`` (fixed voxels -> moving voxels), ``affine`` (fixed world -> moving world, RAS) and
+            ``affine_lncc`` (similarity by world coordinates, after the centres of mass, after the stage) are added.
+            Without it ``moving_map`` is the identity.
+        similarity: the affine stage's similarity (``"lncc"`` or ``"mse"``).
         max_memory_gb: refuse a pair whose estimated peak memory (:func:`estimate_memory_gib`) exceeds this;
             default the memory available now.
     """
@@ -271,6 +280,8 @@ class RegistrationPairs(torch.utils.data.Dataset):
         resample: bool = False,
         itk_geometry: bool = False,
         max_memory_gb: Optional[float] = None,
+        affine: bool = False,
+        similarity: str = "lncc",
     ) -> None:
         if max_memory_gb is not None and not (isinstance(max_memory_gb, (int, float)) and max_memory_gb > 0):
             raise ValueError(f"max_memory_gb must be a number > 0 or null, got {max_memory_gb!r}.")
@@ -279,8 +290,11 @@ class RegistrationPairs(torch.utils.data.Dataset):
         self.spatial_dims = check_spatial_dims(spatial_dims)
         self.resample = as_bool("resample", resample)
         self.itk_geometry = as_bool("itk_geometry", itk_geometry)
+        self.affine = as_bool("affine", affine)
+        self.similarity = similarity
         self._pairs: Optional[List[Dict[str, str]]] = None
-        self._transforms = {label: pair_transforms(self.spatial_dims, label, self.resample) for label in (False, True)}
+        resample = self.resample and not self.affine  # the affine stage resamples through its transform
+        self._transforms = {label: pair_transforms(self.spatial_dims, label, resample) for label in (False, True)}
 
     @property
     def pairs(self) -> List[Dict[str, str]]:
@@ -321,7 +335,7 @@ class RegistrationPairs(torch.utils.data.Dataset):
                 check_itk_affine(fixed.affine, f"fixed {item['fixed']!r}")
             for key, img in images.items():
                 same = shapes[key] == shapes["fixed"] and _same_geometry(img.affine, fixed.affine)
-                if key != "fixed" and not same and not self.resample:
+                if key != "fixed" and not same and not self.resample and not self.affine:
                     raise ValueError(
                         f"{key} {item[key]!r} (shape {shapes[key]}, affine {np.round(img.affine, 3).tolist()}) is not "
                         f"on the grid of fixed {item['fixed']!r} (shape {shapes['fixed']}, affine "
@@ -354,15 +368,15 @@ class RegistrationPairs(torch.utils.data.Dataset):
             foreground = 1.0 - counts.max() / counts.sum()
             if foreground < MIN_FOREGROUND[0] or foreground * data.size < MIN_FOREGROUND[1]:
                 raise ValueError(
-                    f"{key} {path!r} is nearly empty: {100 * foreground:.3f}% of its voxels ({foreground * data.size:.0f}) "
-                    f"differ from its background value {values[counts.argmax()]:g} (at least {100 * MIN_FOREGROUND[0]:g}% "
-                    f"and {MIN_FOREGROUND[1]} voxels needed): nothing to register."
+                    f"{key} {path!r} is nearly empty: {100 * foreground:.3f}% of its voxels "
+                    f"({foreground * data.size:.0f}) differ from its background value {values[counts.argmax()]:g} (at "
+                    f"least {100 * MIN_FOREGROUND[0]:g}% and {MIN_FOREGROUND[1]} voxels needed): nothing to register."
                 )
             if looks_like_labels(data):
                 hint = "pass it as --moving_label" if key == "moving" else "give the fixed image, not its label map"
                 raise ValueError(
-                    f"{key} {path!r} looks like a label map ({label_count(data)} distinct integer values), not an image: "
-                    f"{hint} (label maps are warped by nearest neighbour, never registered as images)."
+                    f"{key} {path!r} looks like a label map ({label_count(data)} distinct integer values), not an "
+                    f"image: {hint} (label maps are warped by nearest neighbour, never registered as images)."
                 )
 
     def _check_memory(self, shape: List[int], path: str) -> None:
@@ -370,9 +384,9 @@ class RegistrationPairs(torch.utils.data.Dataset):
         limit = self.max_memory_gb or _available_gib()
         if self.max_memory_gb is not None and self.max_memory_gb < BASE_GIB:
             raise ValueError(
-                f"max_memory_gb {self.max_memory_gb:g} is below the {BASE_GIB} GiB that any registration needs (Python, "
-                f"torch and MONAI); give at least {estimate_memory_gib(shape):.1f} for this {'x'.join(map(str, shape))} "
-                "grid, or leave it unset (the memory available)."
+                f"max_memory_gb {self.max_memory_gb:g} is below the {BASE_GIB} GiB that any registration needs "
+                f"(Python, torch and MONAI); give at least {estimate_memory_gib(shape):.1f} for this "
+                f"{'x'.join(map(str, shape))} grid, or leave it unset (the memory available)."
             )
         if need > limit:
             fits = int((limit - BASE_GIB) * 2**30 / BYTES_PER_VOXEL) if limit > BASE_GIB else 0
@@ -389,4 +403,23 @@ class RegistrationPairs(torch.utils.data.Dataset):
         item = self.pairs[i]
         out = self._transforms["moving_label" in item](dict(item))
         out.update(moving_path=item["moving"], fixed_path=item["fixed"], label_path=item.get("moving_label", ""))
+        out["moving_map"] = torch.eye(self.spatial_dims + 1, dtype=torch.float64)
+        if self.affine:
+            out.update(self._align(out, item))
         return {**out, "name": self.names[i]}
+
+    def _align(self, out: dict, item: Dict[str, str]) -> dict:
+        """The affine stage of one pair: its transform, the moving image resampled through it onto the fixed grid,
+        the map from fixed to moving voxels and the similarities (see the class docstring)."""
+        moving_affine, fixed_affine = (plane_affine(nib.load(item[k]).affine, self.spatial_dims) for k in KEYS[:2])
+        moving, fixed = torch.as_tensor(out["moving"])[None].float(), torch.as_tensor(out["fixed"])[None].float()
+        result = align_affine(moving, fixed, moving_affine, fixed_affine, self.similarity)
+        matrix = torch.as_tensor(voxel_map(result.transform, moving_affine, fixed_affine))
+        resampled = sample_at(moving, grid_coordinates(matrix, fixed.shape[2:]))[0]
+        scores = torch.tensor([result.initial, result.centred, result.aligned], dtype=torch.float64)
+        return {
+            "moving": resampled,
+            "moving_map": matrix,
+            "affine": torch.as_tensor(result.transform),
+            "affine_lncc": scores,
+        }

@@ -14,16 +14,21 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from custom.affine import grid_coordinates, write_itk_affine
 from custom.atomic import SIGNATURE, atomic_write_text, check_replaceable
 from custom.errors import as_bool
 from custom.inference import KEYS, RegistrationPairs
 from custom.interop import DDF_FORMATS, field_suffix, write_field
 from custom.losses import LocalNCCLoss
 from custom.metrics import jacobian_determinant
-from custom.warp import SpatialTransformer
+from custom.warp import SpatialTransformer, sample_at
 from custom.workflow import decollated
 
-__all__ = ["IMPROVEMENT", "RegistrationWriter"]
+__all__ = ["AFFINE_MIN_LNCC", "IMPROVEMENT", "RegistrationWriter"]
+
+AFFINE_MIN_LNCC = 0.15
+"""Below this LNCC (window 5 at 1/4 resolution, :mod:`custom.affine`) after the affine stage a pair is flagged: real
+brains of different subjects reach 0.25-0.3 there, unrelated images stay near 0."""
 
 IMPROVEMENT = 1e-3
 """A pair whose LNCC rises by no more than this is flagged (a warning line and ``pairs_out.csv``'s ``warning``)."""
@@ -59,7 +64,6 @@ class RegistrationWriter:
         self.jacobian = as_bool("jacobian", jacobian)
         self.overwrite = as_bool("overwrite", overwrite)
         self.warp = SpatialTransformer("bilinear")
-        self.warp_labels = SpatialTransformer("nearest")
         self.written: List[str] = []
         self._lncc: Dict[int, LocalNCCLoss] = {}  # per spatial_dims, built once
         self.rows: List[Dict[str, str]] = []
@@ -70,10 +74,11 @@ class RegistrationWriter:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
         engine.add_event_handler(Events.COMPLETED, self._write_table)
 
-    def _outputs(self, name: str, spatial_dims: int, label: bool) -> Dict[str, Path]:
+    def _outputs(self, name: str, spatial_dims: int, label: bool, affine: bool = False) -> Dict[str, Path]:
         suffixes = {"warped": "_warped.nii.gz", "ddf": f"_ddf{field_suffix(spatial_dims, self.ddf_format)}"}
         suffixes.update({"warped_label": "_warped_label.nii.gz"} if label else {})
         suffixes.update({"jacobian": "_jacobian.nii.gz"} if self.jacobian else {})
+        suffixes.update({"affine": "_affine.txt"} if affine else {})
         return {key: self.output_dir / f"{name}{suffix}" for key, suffix in suffixes.items()}
 
     def validate(self, dataset: RegistrationPairs) -> None:
@@ -96,7 +101,7 @@ class RegistrationWriter:
             ) from None
         paths = [self.output_dir / "pairs_out.csv"]
         for item, name in zip(dataset.pairs, dataset.names):
-            paths += self._outputs(name, dataset.spatial_dims, "moving_label" in item).values()
+            paths += self._outputs(name, dataset.spatial_dims, "moving_label" in item, dataset.affine).values()
         check_replaceable(paths)
         existing = [p.name for p in paths if p.exists()]
         if existing and not self.overwrite:
@@ -112,25 +117,31 @@ class RegistrationWriter:
         header.set_data_dtype(dtype)
         return nib.Nifti1Image(array.numpy().astype(dtype).reshape(reference.shape), reference.affine, header)
 
-    def _write_pair(self, item: dict, ddf: torch.Tensor, warped: torch.Tensor) -> Dict[str, str]:
-        """Write one pair's files (``warped``: the moving image in its own intensities, warped) under temporary
-        names, then rename them all; returns its ``pairs_out.csv`` row."""
+    def _write_pair(self, item: dict, ddf: torch.Tensor) -> Dict[str, str]:
+        """Write one pair's files under temporary names, then rename them all; returns its ``pairs_out.csv`` row.
+
+        The moving image (in its own intensities) and label map are sampled once, on their own grid, through the
+        composed transform: the affine stage's map (the identity without it) after the field."""
         fixed = nib.load(item["fixed_path"])
-        paths = self._outputs(item["name"], ddf.shape[1], "moving_label" in item)
+        paths = self._outputs(item["name"], ddf.shape[1], "moving_label" in item, "affine" in item)
         with torch.no_grad():
-            images = {"warped": self._image(warped, fixed, np.float32)}
+            coords = grid_coordinates(torch.as_tensor(item["moving_map"]), ddf.shape[2:], ddf)
+            raw = torch.as_tensor(item["moving_raw"])[None].float()
+            images = {"warped": self._image(sample_at(raw, coords)[0, 0], fixed, np.float32)}
             if "moving_label" in item:
-                label = self.warp_labels(torch.as_tensor(item["moving_label"])[None], ddf)[0, 0]
+                label = sample_at(torch.as_tensor(item["moving_label"])[None], coords, "nearest")[0, 0]
                 images["warped_label"] = self._image(label, fixed, np.int32)
             if self.jacobian:
                 images["jacobian"] = self._image(jacobian_determinant(ddf)[0], fixed, np.float32)
         staged = {}
         try:
             for key, path in paths.items():
-                suffix = ".mha" if path.name.endswith(".mha") else ".nii.gz"
+                suffix = next(x for x in (".mha", ".txt", ".nii.gz") if path.name.endswith(x))
                 staged[key] = self.output_dir / f".{path.name}.{os.getpid()}.part{suffix}"
                 if key == "ddf":
                     write_field(ddf[0], fixed, staged[key], self.ddf_format)
+                elif key == "affine":
+                    write_itk_affine(staged[key], np.asarray(item["affine"]))
                 else:
                     nib.save(images[key], str(staged[key]))
             for key, path in paths.items():
@@ -143,7 +154,7 @@ class RegistrationWriter:
         row = {"moving": item["moving_path"], "fixed": item["fixed_path"], "moving_label": item["label_path"]}
         return {
             **row,
-            **{key: paths[key].name if key in paths else "" for key in ("warped", "ddf", "warped_label")},
+            **{key: paths[key].name if key in paths else "" for key in ("warped", "ddf", "warped_label", "affine")},
             **({"jacobian": paths["jacobian"].name} if self.jacobian else {}),
         }
 
@@ -153,16 +164,25 @@ class RegistrationWriter:
             ddf = torch.as_tensor(output["pred"]).float()[None].cpu()
             self.output_dir.mkdir(parents=True, exist_ok=True)
             moving, fixed = (torch.as_tensor(item[k])[None].float().cpu() for k in ("moving", "fixed"))
-            with torch.no_grad():  # one warp of both: the raw intensities are written, the normalised ones scored
-                warped = self.warp(torch.cat([torch.as_tensor(item["moving_raw"])[None].float(), moving], 1), ddf)
+            with torch.no_grad():  # scored on the normalised images (after the affine stage, if any)
                 if ddf.shape[1] not in self._lncc:
                     self._lncc[ddf.shape[1]] = LocalNCCLoss(ddf.shape[1])
                 lncc = self._lncc[ddf.shape[1]]
-                before, after = -float(lncc(moving, fixed)), -float(lncc(warped[:, 1:], fixed))
-            row = self._write_pair(item, ddf, warped[0, 0])
+                before, after = -float(lncc(moving, fixed)), -float(lncc(self.warp(moving, ddf), fixed))
+            row = self._write_pair(item, ddf)
+            if "affine_lncc" in item:
+                initial, _, aligned = (float(v) for v in item["affine_lncc"])
+                row.update(affine_lncc_initial=f"{initial:.4f}", affine_lncc_after=f"{aligned:.4f}")
+                if aligned < AFFINE_MIN_LNCC:
+                    print(
+                        f"warning: {item['name']}: after the affine stage the images barely match (LNCC "
+                        f"{aligned:.3f} < {AFFINE_MIN_LNCC}): check that they show the same anatomy and overlap.",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             warning = "" if after > before + IMPROVEMENT else f"LNCC did not improve ({before:.3f} -> {after:.3f})"
             row.update(lncc_before=f"{before:.4f}", lncc_after=f"{after:.4f}", warning=warning)
-            files = ", ".join(row[k] for k in ("warped", "ddf", "warped_label", "jacobian") if row.get(k))
+            files = ", ".join(row[k] for k in ("warped", "ddf", "warped_label", "affine", "jacobian") if row.get(k))
             print(f"{item['name']}: LNCC {before:.3f} -> {after:.3f}; wrote {files} in {self.output_dir}", flush=True)
             if warning:
                 print(

@@ -10,10 +10,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SpatialTransformer", "VelocityIntegration"]
+__all__ = ["SpatialTransformer", "VelocityIntegration", "sample_at"]
 
 _MODES = ("bilinear", "nearest")
 _PADDING_MODES = ("zeros", "border", "reflection")
+
+
+def sample_at(image: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Sample ``image`` at voxel coordinates of its own grid (zero outside), for grids other than the image's.
+
+    Args:
+        image: ``(B, C, *S_in)``; integer images (labels) need ``mode="nearest"`` and keep their dtype.
+        coords: ``(B, spatial_dims, *S_out)``, channel ``i`` the position along axis ``i`` of ``image``, in voxels.
+        mode: ``"bilinear"`` or ``"nearest"``.
+
+    Returns:
+        ``(B, C, *S_out)``.
+    """
+    nd = image.dim() - 2
+    if coords.shape[1] != nd or coords.dim() != image.dim():
+        raise ValueError(f"coords must be (B, {nd}, *S_out) for image {list(image.shape)}, got {list(coords.shape)}.")
+    is_label = not image.is_floating_point()
+    grid = torch.stack([coords[:, i] * 2 / max(image.shape[2 + i] - 1, 1) - 1 for i in reversed(range(nd))], dim=-1).to(
+        torch.float32
+    )
+    src = image.float() if is_label else image.to(grid.dtype)
+    out = F.grid_sample(src, grid, mode=mode, padding_mode="zeros", align_corners=True)
+    return out.round().to(image.dtype) if is_label else out.to(image.dtype)
 
 
 class SpatialTransformer(nn.Module):

@@ -21,6 +21,7 @@ LAYERS = {
         "custom.warp",
     ],
     "middle": [
+        "custom.affine",
         "custom.data",
         "custom.data.demo",
         "custom.data.frames",

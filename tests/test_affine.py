@@ -1,0 +1,159 @@
+"""The affine stage (custom/affine.py): known affines recovered on oblique, anisotropic grids in 2D and 3D, the ITK
+transform file as SimpleITK reads it, implausible transforms refused, and on a real native scan: register's affine
+file and field applied by SimpleITK and ANTs reproduce register's own outputs."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from custom.affine import align_affine, check_plausible, grid_coordinates, read_itk_affine, write_itk_affine
+
+REPO = Path(__file__).resolve().parents[1]
+LABELLED = REPO.parent / "shared" / "data" / "oasis_labelled"
+_RNG = np.random.default_rng(3)
+BLOBS = [(_RNG.uniform(-22, 22, 3), _RNG.uniform(2.5, 6.0), _RNG.uniform(0.3, 1.0)) for _ in range(40)]
+"""Gaussian blobs (centre mm, width mm, weight): structure at several scales, as LNCC needs."""
+
+
+def _image(affine: np.ndarray, shape, world_to_content: np.ndarray) -> torch.Tensor:
+    """Gaussian blobs (an asymmetric 'head'), sampled at ``world_to_content @ affine @ voxel`` of a grid."""
+    nd = len(shape)
+    points = grid_coordinates(torch.as_tensor(world_to_content @ affine), shape)[0].double()
+    out = torch.zeros(shape, dtype=torch.float64)
+    for centre, width, weight in BLOBS:
+        d2 = sum((points[i] - centre[i]) ** 2 for i in range(nd))
+        out += weight * torch.exp(-d2 / (2 * width**2))
+    return out[None, None].float()
+
+
+def _grid(nd: int, spacing, angle_deg: float, origin) -> np.ndarray:
+    rotation = Rotation.from_euler("z" if nd == 3 else "z", angle_deg, degrees=True).as_matrix()[:nd, :nd]
+    affine = np.eye(nd + 1)
+    affine[:nd, :nd] = rotation @ np.diag(spacing)
+    affine[:nd, nd] = origin
+    return affine
+
+
+def _known(nd: int) -> np.ndarray:
+    """A moving-from-fixed transform: a rotation, a scale and a translation."""
+    t = np.eye(nd + 1)
+    rotation = Rotation.from_euler("xyz", [6, -4, 9], degrees=True).as_matrix() if nd == 3 else None
+    rotation = rotation if nd == 3 else Rotation.from_euler("z", 9, degrees=True).as_matrix()[:2, :2]
+    t[:nd, :nd] = rotation @ np.diag([1.06, 0.95, 1.0][:nd])
+    t[:nd, nd] = [5.0, -4.0, 3.0][:nd]
+    return t
+
+
+@pytest.mark.parametrize(
+    "nd,fixed_grid,moving_grid,shape_f,shape_m",
+    [
+        (3, ((1.5, 1.5, 1.5), 0, (-36, -36, -36)), ((2.0, 1.2, 1.6), 20, (-30, -40, -35)), (48,) * 3, (40, 64, 48)),
+        (2, ((1.0, 1.0), 0, (-48, -48)), ((1.4, 0.8), -25, (-40, -20)), (96, 96), (72, 120)),
+    ],
+)  # oblique and anisotropic moving grids, other fields of view
+def test_known_affines_are_recovered(nd, fixed_grid, moving_grid, shape_f, shape_m):
+    truth = _known(nd)
+    fixed_affine, moving_affine = _grid(nd, *fixed_grid), _grid(nd, *moving_grid)
+    fixed = _image(fixed_affine, shape_f, np.eye(nd + 1))
+    moving = _image(moving_affine, shape_m, np.linalg.inv(truth))  # moving(T x) = fixed(x)
+    result = align_affine(moving, fixed, moving_affine, fixed_affine)
+    corners = np.array(np.meshgrid(*[[-20.0, 20.0]] * nd, indexing="ij")).reshape(nd, -1)
+    corners = np.vstack([corners, np.ones(corners.shape[1])])
+    error = np.abs(result.transform @ corners - truth @ corners)[:nd].max()
+    assert error < 3.0, (error, result.transform, truth)  # mm, over a 40 mm box around the content
+    assert result.aligned > result.centred + 0.1  # the stage raises the similarity
+    scales = np.linalg.svd(result.transform[:nd, :nd], compute_uv=False)
+    assert np.allclose(sorted(scales), sorted(np.linalg.svd(truth[:nd, :nd], compute_uv=False)), atol=0.07)
+
+
+@pytest.mark.parametrize(
+    "linear,message",
+    [
+        (np.diag([-1.0, 1.0, 1.0]), "flips or collapses"),  # a mirror
+        (np.diag([0.3, 1.0, 1.0]), "flips or collapses"),  # a collapse
+        (np.diag([1.0, 2.5, 1.0]), r"scales 2\.50, 1\.00, 1\.00"),  # a blow-up, with the scales named
+    ],
+)  # implausible transforms are refused, naming what was found
+def test_implausible_transforms_are_refused(linear, message):
+    transform = np.eye(4)
+    transform[:3, :3] = linear
+    with pytest.raises(ValueError, match=message):
+        check_plausible(transform)
+    assert check_plausible(np.eye(4)) == [1.0, 1.0, 1.0]
+
+
+def test_itk_file_is_what_simpleitk_reads(tmp_path):
+    sitk = pytest.importorskip("SimpleITK")
+    truth = _known(3)
+    path = write_itk_affine(tmp_path / "a.txt", truth)
+    transform = sitk.ReadTransform(str(path))
+    flip = np.array([-1.0, -1.0, 1.0])
+    for point in ([0.0, 0.0, 0.0], [10.0, -20.0, 30.0]):  # RAS
+        expected = (truth @ np.array(point + [1.0]))[:3] * flip
+        assert np.allclose(transform.TransformPoint(tuple(np.array(point) * flip)), expected, atol=1e-9)
+    assert np.allclose(read_itk_affine(path), truth, atol=1e-12)
+    plane = write_itk_affine(tmp_path / "b.txt", _known(2))
+    assert np.allclose(read_itk_affine(plane, 2), _known(2), atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("#Insight Transform File V1.0\nTransform: Euler3DTransform_double_3_3\n", "is not an ITK AffineTransform"),
+        ("Transform: AffineTransform_double_3_3\nParameters: 1 0 0\n", "does not hold the 12 parameters"),
+        ("Transform: AffineTransform_double_3_3\nParameters: " + "nan " * 12 + "\n", "does not hold the 12"),
+    ],
+)  # files that are not our transform
+def test_bad_transform_files(tmp_path, text, message):
+    (tmp_path / "t.txt").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_itk_affine(tmp_path / "t.txt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_itk_affine(tmp_path / "none.txt")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LABELLED.is_dir(), reason="../shared/data/oasis_labelled is not here")
+def test_native_scan_registered_and_applied_by_itk_and_ants(tmp_path):
+    """OASIS 0001 in its native space (256^3, LIA) to 0002 aligned: the affine file and field that register writes,
+    applied by SimpleITK (CompositeTransform) and ANTs (transformlist=[ddf, affine]), give register's outputs."""
+    sitk = pytest.importorskip("SimpleITK")
+    ants = pytest.importorskip("ants")
+    moving, fixed = LABELLED / "OASIS_OAS1_0001_MR1", LABELLED / "OASIS_OAS1_0002_MR1"
+    cmd = [sys.executable, "-m", "custom", "register", "--moving", str(moving / "norm.nii.gz"), "--fixed"]
+    cmd += [str(fixed / "aligned_norm.nii.gz"), "--moving_label", str(moving / "seg35.nii.gz"), "--affine", "true"]
+    cmd += ["--refine_steps", "[10,0,0]", "--output_dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name = tmp_path / "norm__to__OASIS_OAS1_0002_MR1_aligned_norm"
+    ours = nib.load(f"{name}_warped.nii.gz").get_fdata()
+    label = np.asarray(nib.load(f"{name}_warped_label.nii.gz").dataobj)
+    truth = np.asarray(nib.load(str(fixed / "aligned_seg35.nii.gz")).dataobj)
+    dice = np.mean(
+        [2 * ((label == k) & (truth == k)).sum() / ((label == k).sum() + (truth == k).sum()) for k in range(1, 36)]
+    )
+    assert dice > 0.6  # the native scan found the common space (by world coordinates alone: 0.15)
+    reference = sitk.ReadImage(str(fixed / "aligned_norm.nii.gz"))
+    composite = sitk.CompositeTransform(3)
+    composite.AddTransform(sitk.ReadTransform(f"{name}_affine.txt"))  # applied last
+    composite.AddTransform(
+        sitk.DisplacementFieldTransform(sitk.ReadImage(f"{name}_ddf.nii.gz", sitk.sitkVectorFloat64))
+    )
+    image = sitk.ReadImage(str(moving / "norm.nii.gz"), sitk.sitkFloat32)
+    theirs = sitk.GetArrayFromImage(sitk.Resample(image, reference, composite, sitk.sitkLinear, 0.0)).transpose(2, 1, 0)
+    scale = ours.max() - ours.min()
+    assert np.abs(theirs - ours).max() <= 1e-3 * scale
+    labels = sitk.Resample(sitk.ReadImage(str(moving / "seg35.nii.gz")), reference, composite, sitk.sitkNearestNeighbor)
+    assert (sitk.GetArrayFromImage(labels).transpose(2, 1, 0) == label).mean() >= 0.999
+    warped = ants.apply_transforms(
+        ants.image_read(str(fixed / "aligned_norm.nii.gz")),
+        ants.image_read(str(moving / "norm.nii.gz")),
+        transformlist=[f"{name}_ddf.nii.gz", f"{name}_affine.txt"],
+    )
+    assert np.abs(warped.numpy() - ours).max() <= 1e-3 * scale
