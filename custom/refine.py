@@ -103,7 +103,7 @@ class RefineOptions:
         check_number("refine_lr", self.lr, positive=True)
         check_number("refine_smooth_weight", self.smooth_weight, positive=False)
         if self.similarity not in ("lncc", "mse"):
-            raise ValueError(f"loss must be 'lncc' or 'mse', got {self.similarity!r}.")
+            raise ValueError(f"similarity must be 'lncc' or 'mse', got {self.similarity!r}.")
         if self.integration_steps is not None:
             check_integer("refine_integration_steps", self.integration_steps, 0)
         if self.levels is not None:

@@ -457,7 +457,7 @@ BAD_OPTIONS = [
     # (kwargs, message)
     ({"pair_strategy": "random"}, "pair_strategy must be one of"),  # unknown strategy
     ({"split": "dev"}, "split must be"),  # unknown split
-    ({"num_val": 3, "num_test": 3}, "requested 3 validation \\+ 3 test subjects, but there are only 6"),  # too big
+    ({"num_val": 3, "num_test": 3}, "ask for 3 validation \\+ 3 test subjects of the 6 found"),  # too big
     ({"spatial_dims": 3, "pair_strategy": "intra_volume"}, "needs spatial_dims=2"),  # intra_volume in 3D
     ({"pair_strategy": "atlas", "atlas": "nobody"}, "atlas subject 'nobody' is not among"),  # unknown atlas
     ({"spatial_dims": 4}, "spatial_dims must be 2 or 3"),  # 4D
@@ -475,7 +475,7 @@ def test_bad_options(demo, kwargs, message):
 
 
 def test_inter_subject_needs_two_subjects(demo):
-    with pytest.raises(ValueError, match="'inter_subject' needs at least two subjects, got 1"):
+    with pytest.raises(ValueError, match="the val split is empty or too small to pair"):
         build_pair_dataset(demo, "val", 2, num_val=1, num_test=0)
 
 

@@ -58,7 +58,15 @@ def test_unknown_bundle_arguments_are_refused(argv, message):
 
 
 def test_every_boolean_key_is_checked():
-    assert {key for _, key in BOOLEAN_KEYS} == {"amp", "resume", "pretrained", "resample", "jacobian", "overwrite"}
+    assert {key for _, key in BOOLEAN_KEYS} == {
+        "amp",
+        "resume",
+        "pretrained",
+        "resample",
+        "affine",
+        "jacobian",
+        "overwrite",
+    }
 
 
 def test_check_checkpoint(tmp_path):
