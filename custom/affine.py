@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from custom.atomic import atomic_path
-from custom.losses import LocalNCCLoss, MSELoss
+from custom.atomic import SIGNATURE, atomic_path
+from custom.losses import LocalNCCLoss, MSELoss, check_similarity
 from custom.spatial import check_spatial_dims
 from custom.warp import sample_at
 
@@ -142,20 +142,13 @@ class _Stage(torch.nn.Module):
 
     def forward(self) -> torch.Tensor:
         nd = self.nd
-        step = torch.eye(nd + 1, dtype=torch.float64)
         linear = _rotation(self.angles, nd) @ (torch.eye(nd, dtype=torch.float64) + self.linear)
         top = torch.cat([linear, (self.centre - linear @ self.centre + self.shift)[:, None]], dim=1)
-        step = torch.cat([top, step[nd:]], dim=0)
-        return torch.as_tensor(self.start) @ step
+        return self.start @ torch.cat([top, torch.eye(nd + 1, dtype=torch.float64)[nd:]], dim=0)
 
     def groups(self) -> list:
         groups = [{"params": [self.angles], "lr": 0.01}, {"params": [self.shift], "lr": 0.5}]
         return groups + ([{"params": [self.linear], "lr": 0.005}] if self.affine else [])
-
-
-def _similarity(similarity: str, nd: int):
-    loss = LocalNCCLoss(nd, WINDOW) if similarity == "lncc" else MSELoss()
-    return lambda warped, fixed: loss(warped, fixed)
 
 
 def align_affine(
@@ -188,25 +181,25 @@ def align_affine(
         raise ValueError(
             f"moving and fixed must be (1, 1, *S) of one dimensionality, got {moving.shape}, {fixed.shape}."
         )
-    if similarity not in ("lncc", "mse"):
-        raise ValueError(f"similarity must be one of ('lncc', 'mse'), got {similarity!r}.")
+    check_similarity(similarity)
     if not (isinstance(steps_scale, (int, float)) and steps_scale >= 0):
         raise ValueError(f"steps_scale must be a number >= 0, got {steps_scale!r}.")
     moving, fixed = moving.float(), fixed.float()
-    score = _similarity(similarity, nd)
+    score = LocalNCCLoss(nd, WINDOW) if similarity == "lncc" else MSELoss()
     centre_f, centre_m = _centre_of_mass(fixed, fixed_affine), _centre_of_mass(moving, moving_affine)
     start = np.eye(nd + 1)
     start[:nd, nd] = centre_m - centre_f
     cap = 2 ** int(math.log2(max(1, min(fixed.shape[2:]) // MIN_LEVEL_SIZE)))
     levels = [min(f, cap) for f in LEVELS]
-    fine = {f: _pyramid(fixed, f) for f in levels}
-    coarse = {f: _pyramid(moving, f) for f in levels}
+    pyramid = {}  # per level: both images and the matrices from world to its moving voxels, from its fixed voxels
+    for factor in levels:
+        (fixed_l, to_fixed), (moving_l, to_moving) = _pyramid(fixed, factor), _pyramid(moving, factor)
+        to_voxels, from_voxels = np.linalg.inv(moving_affine @ to_moving), fixed_affine @ to_fixed
+        pyramid[factor] = (fixed_l, moving_l, torch.as_tensor(to_voxels), torch.as_tensor(from_voxels))
 
     def level_loss(transform: torch.Tensor, factor: int) -> torch.Tensor:
-        (fixed_l, to_fixed), (moving_l, to_moving) = fine[factor], coarse[factor]
-        inner = torch.as_tensor(np.linalg.inv(moving_affine @ to_moving))
-        matrix = inner @ transform @ torch.as_tensor(fixed_affine @ to_fixed)
-        warped = sample_at(moving_l, grid_coordinates(matrix, fixed_l.shape[2:]))
+        fixed_l, moving_l, to_voxels, from_voxels = pyramid[factor]
+        warped = sample_at(moving_l, grid_coordinates(to_voxels @ transform @ from_voxels, fixed_l.shape[2:]))
         return score(warped, fixed_l)
 
     with torch.no_grad():
@@ -269,7 +262,7 @@ def write_itk_affine(path: Union[str, Path], transform: np.ndarray) -> Path:
     lps = _LPS @ _embed(np.asarray(transform, dtype=np.float64)) @ _LPS
     parameters = list(lps[:3, :3].ravel()) + list(lps[:3, 3])
     text = (
-        "#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
+        f"#Insight Transform File V1.0\n#{SIGNATURE}\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
         f"Parameters: {' '.join(repr(float(v)) for v in parameters)}\nFixedParameters: 0 0 0\n"
     )
     with atomic_path(path, suffix=".txt") as tmp:

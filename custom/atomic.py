@@ -48,16 +48,16 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
 
 
 def written_by_us(path: PathLike) -> bool:
-    """Whether ``path`` carries :data:`SIGNATURE` (a NIfTI ``descrip`` or a MetaImage ``Comment``), or is a CSV
-    table of ours (``pairs_out.csv``: its header starts with ``moving,fixed``)."""
+    """Whether ``path`` carries :data:`SIGNATURE` (a NIfTI ``descrip``; in the text header of a MetaImage or an ITK
+    transform file), or is a CSV table of ours (``pairs_out.csv``: its header starts with ``moving,fixed``)."""
     path = Path(path)
     try:
         if path.name.endswith(".csv"):
             with path.open(encoding="utf-8") as f:
                 return f.readline().startswith("moving,fixed")
-        if path.name.endswith(".mha"):
+        if path.name.endswith((".mha", ".txt")):
             with path.open("rb") as f:
-                return f"Comment = {SIGNATURE}".encode() in f.read(4096)
+                return SIGNATURE.encode() in f.read(4096)
         import nibabel as nib
 
         return bytes(nib.load(str(path)).header["descrip"]).decode(errors="replace").startswith(SIGNATURE)

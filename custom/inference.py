@@ -148,9 +148,8 @@ def list_pairs(
         if not table.is_file():
             raise FileNotFoundError(f"pairs CSV {pairs!r} does not exist.")
         with table.open(newline="", encoding="utf-8-sig") as f:  # a byte-order mark is not part of the header
-            rows = list(csv.DictReader(f))
-        with table.open(newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f), [])
+            reader = csv.DictReader(f)
+            rows, header = list(reader), reader.fieldnames or []
         if not {"moving", "fixed"} <= {h.strip() for h in header}:
             raise ValueError(
                 f"pairs CSV {pairs!r} needs a header with columns moving,fixed[,moving_label], got {header[:4]}."
@@ -317,10 +316,11 @@ class RegistrationPairs(torch.utils.data.Dataset):
         for item in self.pairs:
             images = {key: _read(path, key) for key, path in item.items()}
             fixed = images["fixed"]
-            if 3 >= _dims(images["moving"].shape) != _dims(fixed.shape) <= 3:  # (a 4-D file is reported below)
+            dims = {key: _dims(images[key].shape) for key in ("moving", "fixed")}
+            if dims["moving"] != dims["fixed"] and max(dims.values()) <= 3:  # a 4-D file is reported by _spatial
                 raise ValueError(
-                    f"moving {item['moving']!r} is a {_dims(images['moving'].shape)}-D image but fixed "
-                    f"{item['fixed']!r} is {_dims(fixed.shape)}-D; give a moving and a fixed image of one "
+                    f"moving {item['moving']!r} is a {dims['moving']}-D image but fixed "
+                    f"{item['fixed']!r} is {dims['fixed']}-D; give a moving and a fixed image of one "
                     "dimensionality (both single slices, or both volumes)."
                 )
             shapes = {key: _spatial(img.shape, self.spatial_dims, item[key], key) for key, img in images.items()}
@@ -372,10 +372,11 @@ class RegistrationPairs(torch.utils.data.Dataset):
                     f"({foreground * data.size:.0f}) differ from its background value {values[counts.argmax()]:g} (at "
                     f"least {100 * MIN_FOREGROUND[0]:g}% and {MIN_FOREGROUND[1]} voxels needed): nothing to register."
                 )
-            if looks_like_labels(data):
+            count = label_count(data)
+            if count is not None and count <= MAX_LABELS:
                 hint = "pass it as --moving_label" if key == "moving" else "give the fixed image, not its label map"
                 raise ValueError(
-                    f"{key} {path!r} looks like a label map ({label_count(data)} distinct integer values), not an "
+                    f"{key} {path!r} looks like a label map ({count} distinct integer values), not an "
                     f"image: {hint} (label maps are warped by nearest neighbour, never registered as images)."
                 )
 

@@ -14,7 +14,16 @@ from torch import nn
 from custom.spatial import check_spatial_dims
 from custom.warp import SpatialTransformer
 
-__all__ = ["LocalNCCLoss", "MSELoss", "GradLoss", "PairLoss", "box_sum", "similarity_name"]
+__all__ = [
+    "SIMILARITIES",
+    "LocalNCCLoss",
+    "MSELoss",
+    "GradLoss",
+    "PairLoss",
+    "box_sum",
+    "check_similarity",
+    "similarity_name",
+]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -232,6 +241,21 @@ class GradLoss(nn.Module):
         return per_item.mean() if self.reduction == "mean" else per_item
 
 
+SIMILARITIES = ("lncc", "mse")
+
+
+def check_similarity(similarity: str) -> str:
+    """``similarity`` when it is one of :data:`SIMILARITIES` (the training loss's, the refinement's and the affine
+    stage's).
+
+    Raises:
+        ValueError: ``"similarity must be 'lncc' or 'mse', got <value>."``
+    """
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be 'lncc' or 'mse', got {similarity!r}.")
+    return similarity
+
+
 class PairLoss(nn.Module):
     """Unsupervised registration loss ``similarity(warp(moving, ddf), fixed) + smooth_weight * Grad(ddf)``,
     computed in float32 also under mixed precision (autocast is disabled inside).
@@ -249,8 +273,7 @@ class PairLoss(nn.Module):
     def __init__(self, spatial_dims: int, similarity: str = "lncc", smooth_weight: float = 1.0, kernel_size: int = 9):
         super().__init__()
         spatial_dims = check_spatial_dims(spatial_dims)
-        if similarity not in SIMILARITIES:
-            raise ValueError(f"similarity must be 'lncc' or 'mse', got {similarity!r}.")
+        check_similarity(similarity)
         self.similarity = LocalNCCLoss(spatial_dims, kernel_size) if similarity == "lncc" else MSELoss()
         self.smoothness = GradLoss("l2")
         self.smooth_weight = float(smooth_weight)
@@ -273,9 +296,6 @@ class PairLoss(nn.Module):
             return self.similarity(warped, pair[:, 1:]) + self.smooth_weight * self.smoothness(ddf)
 
 
-SIMILARITIES = ("lncc", "mse")
-
-
 def similarity_name(similarity: str, loss: Optional[str] = None) -> str:
     """The configs' similarity (``"lncc"`` or ``"mse"``), honouring the deprecated key ``loss`` that named it before.
 
@@ -284,9 +304,7 @@ def similarity_name(similarity: str, loss: Optional[str] = None) -> str:
         loss: the deprecated ``loss`` key; when given it wins, with a ``FutureWarning``.
     """
     if loss is None:
-        if similarity not in SIMILARITIES:
-            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}.")
-        return similarity
+        return check_similarity(similarity)
     warnings.warn(
         f"the config key 'loss' is deprecated (it names the similarity): use --similarity {loss} instead.",
         FutureWarning,

@@ -34,6 +34,11 @@ IMPROVEMENT = 1e-3
 """A pair whose LNCC rises by no more than this is flagged (a warning line and ``pairs_out.csv``'s ``warning``)."""
 
 
+def _warn(name: str, problem: str) -> None:
+    """One warning line on stderr for a pair that registered poorly."""
+    print(f"warning: {name}: {problem}: check that the two images show the same anatomy and overlap.", file=sys.stderr)
+
+
 class RegistrationWriter:
     """Evaluator handler writing the warped image, the field and the warped label of each pair, and
     ``pairs_out.csv`` at the end (see the module docstring); prints each pair's files and its LNCC (window 9, on the
@@ -174,23 +179,16 @@ class RegistrationWriter:
                 initial, _, aligned = (float(v) for v in item["affine_lncc"])
                 row.update(affine_lncc_initial=f"{initial:.4f}", affine_lncc_after=f"{aligned:.4f}")
                 if aligned < AFFINE_MIN_LNCC:
-                    print(
-                        f"warning: {item['name']}: after the affine stage the images barely match (LNCC "
-                        f"{aligned:.3f} < {AFFINE_MIN_LNCC}): check that they show the same anatomy and overlap.",
-                        file=sys.stderr,
-                        flush=True,
+                    _warn(
+                        item["name"],
+                        f"after the affine stage the images barely match (LNCC {aligned:.3f} < " f"{AFFINE_MIN_LNCC})",
                     )
             warning = "" if after > before + IMPROVEMENT else f"LNCC did not improve ({before:.3f} -> {after:.3f})"
             row.update(lncc_before=f"{before:.4f}", lncc_after=f"{after:.4f}", warning=warning)
             files = ", ".join(row[k] for k in ("warped", "ddf", "warped_label", "affine", "jacobian") if row.get(k))
             print(f"{item['name']}: LNCC {before:.3f} -> {after:.3f}; wrote {files} in {self.output_dir}", flush=True)
             if warning:
-                print(
-                    f"warning: {item['name']}: {warning}: check that the two images show the same anatomy and "
-                    "overlap; the outputs are written but are likely no registration.",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                _warn(item["name"], f"{warning}; the outputs are written but are likely no registration")
             self.rows.append(row)
 
     def _write_table(self, engine: Engine) -> None:

@@ -36,7 +36,7 @@ from monai.inferers import Inferer
 from torch import nn
 
 from custom.errors import check_integer, check_number
-from custom.losses import GradLoss, LocalNCCLoss, MSELoss
+from custom.losses import GradLoss, LocalNCCLoss, MSELoss, check_similarity
 from custom.spatial import check_spatial_dims
 from custom.warp import SpatialTransformer, VelocityIntegration
 
@@ -102,8 +102,7 @@ class RefineOptions:
             check_integer("refine_steps", self.steps, 0)
         check_number("refine_lr", self.lr, positive=True)
         check_number("refine_smooth_weight", self.smooth_weight, positive=False)
-        if self.similarity not in ("lncc", "mse"):
-            raise ValueError(f"similarity must be 'lncc' or 'mse', got {self.similarity!r}.")
+        check_similarity(self.similarity)
         if self.integration_steps is not None:
             check_integer("refine_integration_steps", self.integration_steps, 0)
         if self.levels is not None:

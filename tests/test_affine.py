@@ -13,6 +13,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from custom.affine import align_affine, check_plausible, grid_coordinates, read_itk_affine, write_itk_affine
+from custom.atomic import written_by_us
 
 REPO = Path(__file__).resolve().parents[1]
 LABELLED = REPO.parent / "shared" / "data" / "oasis_labelled"
@@ -33,7 +34,7 @@ def _image(affine: np.ndarray, shape, world_to_content: np.ndarray) -> torch.Ten
 
 
 def _grid(nd: int, spacing, angle_deg: float, origin) -> np.ndarray:
-    rotation = Rotation.from_euler("z" if nd == 3 else "z", angle_deg, degrees=True).as_matrix()[:nd, :nd]
+    rotation = Rotation.from_euler("z", angle_deg, degrees=True).as_matrix()[:nd, :nd]  # in the first two axes
     affine = np.eye(nd + 1)
     affine[:nd, :nd] = rotation @ np.diag(spacing)
     affine[:nd, nd] = origin
@@ -43,8 +44,8 @@ def _grid(nd: int, spacing, angle_deg: float, origin) -> np.ndarray:
 def _known(nd: int) -> np.ndarray:
     """A moving-from-fixed transform: a rotation, a scale and a translation."""
     t = np.eye(nd + 1)
-    rotation = Rotation.from_euler("xyz", [6, -4, 9], degrees=True).as_matrix() if nd == 3 else None
-    rotation = rotation if nd == 3 else Rotation.from_euler("z", 9, degrees=True).as_matrix()[:2, :2]
+    angles = ("xyz", [6, -4, 9]) if nd == 3 else ("z", 9)
+    rotation = Rotation.from_euler(*angles, degrees=True).as_matrix()[:nd, :nd]
     t[:nd, :nd] = rotation @ np.diag([1.06, 0.95, 1.0][:nd])
     t[:nd, nd] = [5.0, -4.0, 3.0][:nd]
     return t
@@ -98,6 +99,7 @@ def test_itk_file_is_what_simpleitk_reads(tmp_path):
         expected = (truth @ np.array(point + [1.0]))[:3] * flip
         assert np.allclose(transform.TransformPoint(tuple(np.array(point) * flip)), expected, atol=1e-9)
     assert np.allclose(read_itk_affine(path), truth, atol=1e-12)
+    assert written_by_us(path)  # a rerun with --overwrite may replace it
     plane = write_itk_affine(tmp_path / "b.txt", _known(2))
     assert np.allclose(read_itk_affine(plane, 2), _known(2), atol=1e-12)
 

@@ -236,7 +236,7 @@ BAD_ARGS = [
     (["export-bundle", ".", "--overwrite", "True"], "it is the current folder"),  # the checkout itself
     (["export-bundle", "data/demo/subjects.txt/x"], "which is a file"),  # a path under a file: no raw Errno 17
     (["export-bundle", "new", "--overwrite", "maybe"], "overwrite must be true or false"),  # not a boolean
-    (REGISTER + ["--similarity", "ncc"], "similarity must be one of ('lncc', 'mse'), got 'ncc'"),  # the option's name
+    (REGISTER + ["--similarity", "ncc"], "similarity must be 'lncc' or 'mse', got 'ncc'"),  # the option's name
     (REGISTER + ["--model_path", "data"], "model file 'data' is a folder"),  # a folder is not missing
 ]
 

@@ -99,9 +99,10 @@ def _sizes(n: int, num_val, num_test, minimum: int) -> Tuple[int, int]:
     """Validation and test counts of ``n`` subjects; a fraction that would leave training fewer than ``minimum``
     subjects gives up its share, the test split's first (training needs neither)."""
     n_val, n_test = _count(num_val, n, "num_val", minimum), _count(num_test, n, "num_test", minimum)
-    for name, size in (("test", num_test), ("val", num_val)):
-        if n - n_val - n_test < minimum and isinstance(size, float):
-            n_val, n_test = (0, n_test) if name == "val" else (n_val, 0)
+    if n - n_val - n_test < minimum and isinstance(num_test, float):
+        n_test = 0
+    if n - n_val - n_test < minimum and isinstance(num_val, float):
+        n_val = 0
     if n - n_val - n_test < minimum:
         raise ValueError(
             f"--num_val {num_val} and --num_test {num_test} ask for {n_val} validation + {n_test} test subjects of the "
