@@ -11,7 +11,6 @@ Pairs: in 2D, slice ``z + offset`` (moving) to slice ``z`` (fixed) of each test 
 3D, test subjects to each other (``inter_subject``). Images are normalised as in training.
 """
 
-import json
 import os
 from functools import partial
 from pathlib import Path
@@ -22,36 +21,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from custom.atomic import atomic_write_text
+from custom.accuracy_report import VOLUME_SWEEP, aggregate, pair_row, write_report
 from custom.data.demo import ensure_dataset
 from custom.data.frames import SubjectFrames
 from custom.data.oasis import find_subjects
 from custom.data.pairs import PairDataset
 from custom.methods import MonaiVoxelMorph, ZeroField, ants_available, ants_register, network_method
-from custom.metrics import format_mean, pair_metrics, summarize
+from custom.metrics import format_mean
 from custom.networks import RegistrationNet
 from custom.pretrained import pretrained_path
 from custom.refine import RefineOptions, RefiningInferer
 from custom.runner import as_list, bundle_dir, train_run
 from custom.spatial import check_spatial_dims
 
-__all__ = ["aggregate", "pair_row", "run_accuracy", "to_markdown", "write_report"]
-
-VOLUME_SWEEP = ((60, 10, 0), (60, 20, 10), (60, 20, 20))
-"""The refinement steps per level (a quarter, half and full resolution) tabulated in 3D besides the default."""
-COLUMNS = (
-    "dice_mean",
-    "dice_worst30",
-    "hd95_mean",
-    "nonpositive_percent",
-    "jacobian_min",
-    "log_jacobian_std",
-    "seconds",
-    "wall_s",
-    "cpu_s",
-    "peak_rss_gib",
-)
-"""The summarised columns of the per-pair rows (:func:`custom.metrics.pair_metrics` and the timings)."""
+__all__ = ["run_accuracy"]
 
 
 def _trained_model(models: Path) -> Path:
@@ -90,55 +73,6 @@ def _linked_root(folder: Path, root: Path, subjects: Sequence[str]) -> Path:
 def _load(net: nn.Module, path: Path, device: torch.device) -> nn.Module:
     net.load_state_dict(torch.load(path, map_location=device, weights_only=True))
     return net.to(device).eval()
-
-
-def pair_row(item: dict, warped_label: Optional[torch.Tensor] = None, det: Optional[torch.Tensor] = None, **extra):
-    """One pair's row of the table: its names, :func:`custom.metrics.pair_metrics` of the registration (no
-    registration when ``warped_label`` is not given: the moving labels and a unit determinant) and ``extra``
-    columns (timings).
-
-    Args:
-        item: a pair with ``moving_id``, ``fixed_id``, ``moving_label`` and ``fixed_label`` ``(1, *S)``.
-        warped_label: the moving labels after registration.
-        det: the Jacobian determinant of the registration.
-    """
-    if warped_label is None:
-        warped_label, det = item["moving_label"][0], torch.ones(item["fixed_label"].shape[1:])
-    metrics = pair_metrics(det, warped_label, item["fixed_label"][0])
-    return {"moving": item["moving_id"], "fixed": item["fixed_id"], **metrics, **extra}
-
-
-def aggregate(rows: List[dict]) -> Dict[str, dict]:
-    """Mean, sd and count over pairs of every column of :data:`COLUMNS` present in ``rows``."""
-    return summarize(rows, COLUMNS)
-
-
-def to_markdown(results: Dict[str, dict], volumes: bool = False) -> str:
-    """The table of :func:`run_accuracy`'s results; ``volumes``: the 3D benchmark's columns (minimum
-    determinant, wall and CPU seconds, peak RSS)."""
-    cells = [("dice_mean", 3, True), ("dice_worst30", 3, False), ("hd95_mean", 2, False)]
-    if volumes:
-        head = "| method | Dice | Dice worst 30% | HD95 (vox) | % folding | min det | SDlogJ | wall s | CPU s "
-        head += "| peak RSS GiB |"
-        cells += [("nonpositive_percent", 4, False), ("jacobian_min", 2, False), ("log_jacobian_std", 3, False)]
-        cells += [("wall_s", 1, False), ("cpu_s", 1, False), ("peak_rss_gib", 2, False)]
-    else:
-        head = "| method | Dice | Dice worst 30% | HD95 (vox) | % folding | SDlogJ | s/pair |"
-        cells += [("nonpositive_percent", 3, False), ("log_jacobian_std", 3, False), ("seconds", 3, False)]
-    lines = [head, "|---" + "|---:" * len(cells) + "|"]
-    for name, s in results.items():
-        lines.append(f"| {name} | " + " | ".join(format_mean(s, key, digits, sd) for key, digits, sd in cells) + " |")
-    return "\n".join(lines)
-
-
-def write_report(out: Path, header: str, results: Dict[str, dict], per_pair: Dict[str, List[dict]], volumes=False):
-    """Print the table and write ``<out>/accuracy.md`` (``header`` + table) and ``results.json`` (the summaries and
-    every pair's row); the path of ``accuracy.md``."""
-    table = to_markdown(results, volumes)
-    print(table, flush=True)
-    atomic_write_text(out / "accuracy.md", header + table + "\n")
-    atomic_write_text(out / "results.json", json.dumps({"summary": results, "pairs": per_pair}, indent=4) + "\n")
-    return out / "accuracy.md"
 
 
 def run_accuracy(

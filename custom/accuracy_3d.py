@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from custom.accuracy import VOLUME_SWEEP, aggregate, pair_row, write_report
+from custom.accuracy_report import VOLUME_SWEEP, aggregate, pair_row, write_report
 from custom.data.demo import ensure_dataset
 from custom.data.frames import SubjectFrames
 from custom.data.oasis import find_subjects, resolve_label

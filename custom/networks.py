@@ -25,7 +25,15 @@ from custom.blocks import UpsampleConcatConv
 from custom.spatial import check_spatial_dims
 from custom.warp import SpatialTransformer, VelocityIntegration
 
-__all__ = ["VARIANTS", "VXM2_DEC_CHANNELS", "VXM2_ENC_CHANNELS", "RegistrationNet", "VxmDense", "count_parameters"]
+__all__ = [
+    "VARIANTS",
+    "VXM2_DEC_CHANNELS",
+    "VXM2_ENC_CHANNELS",
+    "RegistrationNet",
+    "VxmDense",
+    "count_parameters",
+    "describe_arch",
+]
 
 VARIANTS = ("baseline", "maxpool", "reduced", "both")
 VXM2_ENC_CHANNELS = (16, 32, 32, 32)
@@ -50,7 +58,102 @@ def _conv(spatial_dims: int, in_channels: int, out_channels: int, strides: int =
     )
 
 
-class RegistrationNet(nn.Module):
+def _checked_channels(variant: str, enc_channels, dec_channels, integration_steps: int) -> Tuple[List[int], List[int]]:
+    """The encoder and decoder channels ``variant`` keeps of the baseline's (see the module docstring).
+
+    Raises:
+        ValueError: for an unknown variant, bad channel lists or negative ``integration_steps``.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+    enc, dec = list(enc_channels), list(dec_channels)
+    if len(enc) < 1 or len(dec) < len(enc) + 1 or min(enc + dec) < 1:
+        raise ValueError(
+            "expected positive enc_channels and dec_channels with len(dec_channels) > len(enc_channels), "
+            f"got enc_channels={enc}, dec_channels={dec}."
+        )
+    if variant in ("reduced", "both"):
+        if len(enc) < 3:
+            raise ValueError(f"variant {variant!r} removes two levels and needs >= 3 enc_channels, got {enc}.")
+        enc, dec = enc[:-2], dec[2:]
+    if integration_steps < 0:
+        raise ValueError(f"integration_steps must be >= 0, got {integration_steps}.")
+    return enc, dec
+
+
+def describe_arch(arch: torch.Tensor) -> str:
+    """Human-readable form of a :class:`RegistrationNet` ``arch`` buffer (dimensionality, variant, steps)."""
+    nd, variant, steps = (int(v) for v in arch.tolist())
+    name = VARIANTS[variant] if 0 <= variant < len(VARIANTS) else f"variant #{variant}"
+    return f"{nd}D {name!r} with integration_steps={steps}"
+
+
+class _UNetLayers(nn.Module):
+    """The layers of :class:`RegistrationNet`'s UNet and the pass through them (its base class, so the weights keep
+    their names): stride-2 encoder convs, a bottom conv, one upsample-concatenate-conv per level (the last one
+    concatenates the input pair), full-resolution convs and the flow conv (initialised from N(0, 1e-5)); at half
+    resolution (``half_res``) behind a max-pool, with the flow brought back to full size."""
+
+    def __init__(self, spatial_dims: int, enc: List[int], dec: List[int], half_res: bool) -> None:
+        super().__init__()
+        self.spatial_dims, self.half_res = spatial_dims, half_res
+        self.stride = 2 ** len(enc) * (2 if half_res else 1)
+        self.linear_mode = "bilinear" if spatial_dims == 2 else "trilinear"
+        self.pool = (nn.MaxPool2d(2) if spatial_dims == 2 else nn.MaxPool3d(2)) if half_res else nn.Identity()
+        self.encoder = nn.ModuleList()
+        skip_channels = [2] + enc
+        for before, c in zip(skip_channels, enc):
+            self.encoder.append(_conv(spatial_dims, before, c, strides=2))
+        self.bottom = _conv(spatial_dims, enc[-1], dec[0])
+        self.decoder = nn.ModuleList()
+        for level in range(1, len(enc) + 1):
+            skip = skip_channels[len(enc) - level]
+            self.decoder.append(UpsampleConcatConv(spatial_dims, dec[level - 1], skip, dec[level]))
+        self.full_res = nn.ModuleList()
+        prev = dec[len(enc)]
+        for c in dec[len(enc) + 1 :]:
+            self.full_res.append(_conv(spatial_dims, prev, c))
+            prev = c
+        self.flow = Conv[Conv.CONV, spatial_dims](prev, spatial_dims, kernel_size=3, padding=1)
+        nn.init.normal_(self.flow.weight, 0.0, 1e-5)
+        nn.init.zeros_(self.flow.bias)
+
+    def _unet(self, h: torch.Tensor) -> torch.Tensor:
+        """The flow conv's output for the (padded, pooled) pair ``h``, at ``h``'s resolution."""
+        skips: List[torch.Tensor] = [h]
+        for conv in self.encoder:
+            h = conv(h)
+            skips.append(h)
+        h = self.bottom(h)
+        for level, block in enumerate(self.decoder):
+            h = block(h, skips[-(level + 2)])
+        for conv in self.full_res:
+            h = conv(h)
+        return self.flow(h)
+
+    def _flow(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+        """The flow at the UNet's resolution (input zero-padded to a multiple of ``stride``) and the input's sizes."""
+        if x.dim() != self.spatial_dims + 2 or x.shape[1] != 2:
+            raise ValueError(
+                f"expected input of shape (B, 2, *spatial) with {self.spatial_dims} spatial dims (moving, fixed), "
+                f"got shape {list(x.shape)}."
+            )
+        sizes = [int(n) for n in x.shape[2:]]
+        pads: List[int] = []
+        for n in sizes:
+            pads = [0, (self.stride - n % self.stride) % self.stride] + pads
+        return self._unet(self.pool(F.pad(x, pads) if max(pads) > 0 else x)), sizes
+
+    def _full_size(self, field: torch.Tensor, sizes: List[int]) -> torch.Tensor:
+        """A field at the UNet's resolution brought to the input's: upsampled (and doubled) when half-res, cropped."""
+        if self.half_res:
+            field = 2.0 * F.interpolate(field, scale_factor=2.0, mode=self.linear_mode, align_corners=False)
+        if self.spatial_dims == 2:
+            return field[:, :, : sizes[0], : sizes[1]]
+        return field[:, :, : sizes[0], : sizes[1], : sizes[2]]
+
+
+class RegistrationNet(_UNetLayers):
     """The registration UNet: a (moving, fixed) pair in, a displacement field out.
 
     One tensor in and one tensor out, so it can be a MONAI bundle ``network_def`` and is scriptable with
@@ -79,109 +182,24 @@ class RegistrationNet(nn.Module):
         dec_channels: Sequence[int] = VXM2_DEC_CHANNELS,
         integration_steps: int = 0,
     ) -> None:
-        super().__init__()
-        self.spatial_dims = check_spatial_dims(spatial_dims)
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
-        enc, dec = list(enc_channels), list(dec_channels)
-        if len(enc) < 1 or len(dec) < len(enc) + 1 or min(enc + dec) < 1:
-            raise ValueError(
-                "expected positive enc_channels and dec_channels with len(dec_channels) > len(enc_channels), "
-                f"got enc_channels={enc}, dec_channels={dec}."
-            )
-        if variant in ("reduced", "both"):
-            if len(enc) < 3:
-                raise ValueError(f"variant {variant!r} removes two levels and needs >= 3 enc_channels, got {enc}.")
-            enc, dec = enc[:-2], dec[2:]
-        if integration_steps < 0:
-            raise ValueError(f"integration_steps must be >= 0, got {integration_steps}.")
-        self.variant = variant
-        self.half_res = variant in ("maxpool", "both")
-        self.stride = 2 ** len(enc) * (2 if self.half_res else 1)
-        self.linear_mode = "bilinear" if spatial_dims == 2 else "trilinear"
-
-        self.encoder = nn.ModuleList()
-        prev = 2
-        skip_channels = [prev]
-        for c in enc:
-            self.encoder.append(_conv(spatial_dims, prev, c, strides=2))
-            prev = c
-            skip_channels.append(c)
-        # bottom conv, then one upsample-concatenate-conv per level; the last one concatenates the input pair
-        self.bottom = _conv(spatial_dims, prev, dec[0])
-        self.decoder = nn.ModuleList()
-        for level in range(1, len(enc) + 1):
-            skip = skip_channels[len(enc) - level]
-            self.decoder.append(UpsampleConcatConv(spatial_dims, dec[level - 1], skip, dec[level]))
-        self.full_res = nn.ModuleList()
-        prev = dec[len(enc)]
-        for c in dec[len(enc) + 1 :]:
-            self.full_res.append(_conv(spatial_dims, prev, c))
-            prev = c
-        self.flow = Conv[Conv.CONV, spatial_dims](prev, spatial_dims, kernel_size=3, padding=1)
-        nn.init.normal_(self.flow.weight, 0.0, 1e-5)
-        nn.init.zeros_(self.flow.bias)
-        self.pool = (nn.MaxPool2d(2) if spatial_dims == 2 else nn.MaxPool3d(2)) if self.half_res else nn.Identity()
+        enc, dec = _checked_channels(variant, enc_channels, dec_channels, integration_steps)
+        super().__init__(check_spatial_dims(spatial_dims), enc, dec, half_res=variant in ("maxpool", "both"))
+        self.variant, self.integration_steps = variant, integration_steps
         self.integrate = VelocityIntegration(integration_steps) if integration_steps > 0 else nn.Identity()
-        self.integration_steps = integration_steps
         # saved with the weights, so loading a checkpoint of another variant fails clearly (maxpool and
         # baseline weights have identical shapes)
         self.register_buffer("arch", torch.tensor([spatial_dims, VARIANTS.index(variant), integration_steps]))
 
-    @staticmethod
-    def describe(arch: torch.Tensor) -> str:
-        """Human-readable form of an ``arch`` buffer."""
-        nd, variant, steps = (int(v) for v in arch.tolist())
-        name = VARIANTS[variant] if 0 <= variant < len(VARIANTS) else f"variant #{variant}"
-        return f"{nd}D {name!r} with integration_steps={steps}"
+    describe = staticmethod(describe_arch)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "arch"
         if key in state_dict and not torch.equal(state_dict[key].cpu().long(), self.arch.cpu().long()):
             raise ValueError(
-                f"the checkpoint is for a {self.describe(state_dict[key])} network, "
-                f"but this network is {self.describe(self.arch)}: set spatial_dims/variant to match."
+                f"the checkpoint is for a {describe_arch(state_dict[key])} network, "
+                f"but this network is {describe_arch(self.arch)}: set spatial_dims/variant to match."
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def _pad(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
-        sizes = x.shape[2:]
-        pads: List[int] = []
-        for n in sizes:
-            pads = [0, (self.stride - n % self.stride) % self.stride] + pads
-        if max(pads) > 0:
-            x = F.pad(x, pads)
-        return x, [int(n) for n in sizes]
-
-    def _flow(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
-        """The flow conv's output at the UNet's resolution (padded) and the input's spatial sizes."""
-        if x.dim() != self.spatial_dims + 2:
-            raise ValueError(
-                f"expected input of shape (B, 2, *spatial) with {self.spatial_dims} spatial dims, "
-                f"got shape {list(x.shape)}."
-            )
-        if x.shape[1] != 2:
-            raise ValueError(f"expected 2 input channels (moving, fixed), got {x.shape[1]} in shape {list(x.shape)}.")
-        x, sizes = self._pad(x)
-        h = self.pool(x)
-        skips: List[torch.Tensor] = [h]
-        for conv in self.encoder:
-            h = conv(h)
-            skips.append(h)
-        h = self.bottom(h)
-        for level, block in enumerate(self.decoder):
-            h = block(h, skips[-(level + 2)])
-        for conv in self.full_res:
-            h = conv(h)
-        return self.flow(h), sizes
-
-    def _full_size(self, field: torch.Tensor, sizes: List[int]) -> torch.Tensor:
-        """A field at the UNet's resolution brought to the input's: upsampled (and doubled) when half-res, cropped."""
-        if self.half_res:
-            field = 2.0 * F.interpolate(field, scale_factor=2.0, mode=self.linear_mode, align_corners=False)
-        if self.spatial_dims == 2:
-            return field[:, :, : sizes[0], : sizes[1]]
-        return field[:, :, : sizes[0], : sizes[1], : sizes[2]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Predict the displacement that warps moving onto fixed.
@@ -200,15 +218,9 @@ class RegistrationNet(nn.Module):
 
     @torch.jit.unused
     def velocity(self, x: torch.Tensor) -> torch.Tensor:
-        """The stationary velocity field before integration (``integration_steps > 0``), brought to full size
-        like the displacement: ``VelocityIntegration(integration_steps)(velocity(x))`` approximates
-        ``forward(x)`` (exactly at full resolution; the half-resolution variants integrate before upsampling).
-
-        Args:
-            x: ``(B, 2, H, W[, D])``.
-
-        Returns:
-            ``(B, spatial_dims, H, W[, D])`` in voxels.
+        """The stationary velocity field ``(B, spatial_dims, H, W[, D])`` (voxels) before integration, at full size:
+        ``VelocityIntegration(integration_steps)(velocity(x))`` approximates ``forward(x)`` (exactly at full
+        resolution; the half-resolution variants integrate before upsampling). ``x``: ``(B, 2, H, W[, D])``.
 
         Raises:
             ValueError: when the network predicts displacements (``integration_steps == 0``), or for bad input.

@@ -38,6 +38,7 @@ LAYERS = {
     "tools": [
         "custom.accuracy",
         "custom.accuracy_3d",
+        "custom.accuracy_report",
         "custom.benchmark",
         "custom.export",
         "custom.pretrained",
@@ -85,3 +86,47 @@ def test_readme_draws_the_layers():
         for module in modules:
             short = {"custom": "__init__", "custom.data": "data/__init__"}.get(module, module[7:].replace(".", "/"))
             assert short in row, f"{module} is missing from README's {layer} row"
+
+
+def find_circle(graph):
+    """A cycle of ``graph`` (module -> imported modules) as a list of modules, or ``[]``."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        state[node] = "done"
+        stack.pop()
+        return []
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return []
+
+
+@pytest.mark.parametrize(
+    "graph,circle",
+    [
+        ({"a": {"b"}, "b": {"c"}, "c": set()}, []),  # a chain
+        ({"a": {"b"}, "b": {"a"}}, ["a", "b", "a"]),  # two modules importing each other
+        ({"a": {"b"}, "b": {"c"}, "c": {"b"}}, ["b", "c", "b"]),  # a circle further down
+    ],
+)
+def test_the_circle_finder(graph, circle):
+    assert find_circle(graph) == circle
+
+
+def test_no_import_circles():
+    """No two modules import each other, directly or through others (lazy imports included)."""
+    graph = {module_name(p): set(imported(p)) - {module_name(p)} for p in FILES}
+    assert find_circle(graph) == []
