@@ -11,13 +11,15 @@ image's world: moving-from-fixed, as ITK and ANTs resample. It is found in three
 3. the result is checked: a transform that flips or collapses the image (a non-positive determinant or a scale
    outside :data:`SCALE_LIMITS`) is refused.
 
-For a single slice, the transform acts in the slice's plane (its first two voxel axes).
+For a single slice, the transform acts in the slice's plane: coordinates along the fixed slice's first two voxel
+axes (orthonormalised, :func:`plane_frame`), whatever world axes they lie along; the transform file holds it as the
+3D transform that leaves the slice normal untouched (:func:`world_transform`).
 """
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -35,7 +37,12 @@ __all__ = [
     "check_plausible",
     "grid_coordinates",
     "plane_affine",
+    "plane_frame",
+    "plane_transform",
+    "world_transform",
+    "grid_record",
     "read_itk_affine",
+    "transform_grids",
     "voxel_map",
     "write_itk_affine",
 ]
@@ -53,11 +60,43 @@ WINDOW = 5
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def plane_affine(affine: np.ndarray, spatial_dims: int) -> np.ndarray:
-    """The voxel-to-world matrix of an image in ``spatial_dims`` dimensions: the 4x4 NIfTI affine for volumes, its
-    in-plane 3x3 part (first two voxel and world axes) for single slices."""
+_PLANE = np.ix_([0, 1, 3], [0, 1, 3])
+
+
+def plane_frame(affine: np.ndarray) -> np.ndarray:
+    """The 4x4 matrix from slice-plane coordinates ``(u, v, normal, 1)`` (mm) to world (RAS): axes along the slice's
+    first two voxel axes (orthonormalised), the normal, origin at its first voxel."""
     affine = np.asarray(affine, dtype=np.float64)
-    return affine if spatial_dims == 3 else affine[np.ix_([0, 1, 3], [0, 1, 3])]
+    first = affine[:3, 0] / np.linalg.norm(affine[:3, 0])
+    second = affine[:3, 1] - first * (first @ affine[:3, 1])
+    second /= np.linalg.norm(second)
+    frame = np.eye(4)
+    frame[:3, :3] = np.stack([first, second, np.cross(first, second)], axis=1)
+    frame[:3, 3] = affine[:3, 3]
+    return frame
+
+
+def plane_affine(affine: np.ndarray, spatial_dims: int, frame: Optional[np.ndarray] = None) -> np.ndarray:
+    """The voxel-to-world matrix of an image in ``spatial_dims`` dimensions: the 4x4 NIfTI affine for volumes; for
+    single slices the 3x3 one from its first two voxel axes to the coordinates of ``frame`` (:func:`plane_frame` of
+    the fixed slice)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    return affine if spatial_dims == 3 else (np.linalg.inv(frame) @ affine)[_PLANE]
+
+
+def world_transform(transform: np.ndarray, frame: Optional[np.ndarray] = None) -> np.ndarray:
+    """A transform as the 4x4 world (RAS) one: a volume's as it is, a slice's in-plane one (in ``frame``'s
+    coordinates) as the 3D transform that leaves the slice normal untouched."""
+    if transform.shape == (4, 4):
+        return transform
+    inplane = np.eye(4)
+    inplane[_PLANE] = transform
+    return frame @ inplane @ np.linalg.inv(frame)
+
+
+def plane_transform(transform: np.ndarray, frame: np.ndarray) -> np.ndarray:
+    """The in-plane part (``frame``'s coordinates, 3x3) of a 4x4 world transform: :func:`world_transform` undone."""
+    return (np.linalg.inv(frame) @ transform @ frame)[_PLANE]
 
 
 def voxel_map(transform: np.ndarray, moving_affine: np.ndarray, fixed_affine: np.ndarray) -> np.ndarray:
@@ -242,27 +281,34 @@ def check_plausible(transform: np.ndarray) -> List[float]:
     return scales
 
 
-def _embed(transform: np.ndarray) -> np.ndarray:
-    """A 2D in-plane transform as a 3D one (the slice normal untouched)."""
-    if transform.shape == (4, 4):
-        return transform
-    out = np.eye(4)
-    out[np.ix_([0, 1, 3], [0, 1, 3])] = transform
-    return out
+def grid_record(shape: Sequence[int], affine: np.ndarray) -> str:
+    """A grid as one line of text: its shape and its NIfTI affine (rounded to 1e-3 mm), to compare grids by."""
+    values = " ".join(f"{v:.3f}" for v in np.asarray(affine, dtype=np.float64)[:3].ravel()).replace("-0.000", "0.000")
+    shape = [int(n) for n in shape[:3]] + [1] * max(0, 3 - len(shape))  # a 2-D file as a one-slice grid
+    return f"{'x'.join(map(str, shape))} {values}"
 
 
-def write_itk_affine(path: Union[str, Path], transform: np.ndarray) -> Path:
+def write_itk_affine(
+    path: Union[str, Path], transform: np.ndarray, moving_grid: str = "", fixed_grid: str = ""
+) -> Path:
     """Write ``transform`` (fixed world -> moving world, RAS, :class:`AffineResult`'s) as the ITK text transform
-    ``AffineTransform_double_3_3`` (LPS, moving-from-fixed, centre 0) that ANTs and SimpleITK read; a slice's
-    in-plane transform is written as the 3D transform that leaves the slice normal untouched.
+    ``AffineTransform_double_3_3`` (LPS, moving-from-fixed, centre 0) that ANTs and SimpleITK read (a slice's
+    as :func:`world_transform` gives it). The grids it was
+    computed for (:func:`grid_record`) go into comment lines, which ITK skips and :func:`transform_grids` reads.
 
     Returns:
         The path written (atomically).
     """
-    lps = _LPS @ _embed(np.asarray(transform, dtype=np.float64)) @ _LPS
+    transform = np.asarray(transform, dtype=np.float64)
+    if transform.shape != (4, 4):
+        raise ValueError(f"expected a 4x4 world transform, got shape {list(transform.shape)}.")
+    lps = _LPS @ transform @ _LPS
     parameters = list(lps[:3, :3].ravel()) + list(lps[:3, 3])
+    grids = "".join(
+        f"#{SIGNATURE} {key} grid: {grid}\n" for key, grid in (("moving", moving_grid), ("fixed", fixed_grid))
+    )
     text = (
-        f"#Insight Transform File V1.0\n#{SIGNATURE}\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
+        f"#Insight Transform File V1.0\n#{SIGNATURE}\n{grids}#Transform 0\nTransform: AffineTransform_double_3_3\n"
         f"Parameters: {' '.join(repr(float(v)) for v in parameters)}\nFixedParameters: 0 0 0\n"
     )
     with atomic_path(path, suffix=".txt") as tmp:
@@ -270,15 +316,14 @@ def write_itk_affine(path: Union[str, Path], transform: np.ndarray) -> Path:
     return Path(path)
 
 
-def read_itk_affine(path: Union[str, Path], spatial_dims: int = 3) -> np.ndarray:
+def read_itk_affine(path: Union[str, Path]) -> np.ndarray:
     """Read an ITK text ``AffineTransform_double_3_3`` (as :func:`write_itk_affine` writes, or ANTs' text form)
-    back into the RAS homogeneous matrix, ``(spatial_dims + 1)`` square.
+    back into the 4x4 RAS matrix (fixed world -> moving world).
 
     Raises:
         FileNotFoundError: for a missing file.
         ValueError: for a file that is not an ITK affine transform.
     """
-    check_spatial_dims(spatial_dims)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"transform file {str(path)!r} does not exist.")
@@ -298,7 +343,18 @@ def read_itk_affine(path: Union[str, Path], spatial_dims: int = 3) -> np.ndarray
     except (KeyError, ValueError):
         raise ValueError(f"{str(path)!r} does not hold the 12 parameters of a 3D affine transform.") from None
     lps = np.eye(4)
-    lps[:3, :3] = np.reshape(parameters[:9], (3, 3))
+    lps[:3, :3] = np.reshape(parameters[:9], (3, 3))  # ITK: x -> A (x - c) + c + t
     lps[:3, 3] = np.array(parameters[9:]) + centre - lps[:3, :3] @ centre
-    ras = _LPS @ lps @ _LPS
-    return ras if spatial_dims == 3 else ras[np.ix_([0, 1, 3], [0, 1, 3])]
+    return _LPS @ lps @ _LPS
+
+
+def transform_grids(path: Union[str, Path]) -> dict:
+    """The ``moving`` and ``fixed`` grids (:func:`grid_record`) that :func:`write_itk_affine` recorded in a transform
+    file (empty for a file written elsewhere)."""
+    grids = {}
+    for line in Path(path).read_text(errors="replace").splitlines():
+        for key in ("moving", "fixed"):
+            prefix = f"#{SIGNATURE} {key} grid: "
+            if line.startswith(prefix) and line[len(prefix) :].strip():
+                grids[key] = line[len(prefix) :].strip()
+    return grids

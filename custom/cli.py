@@ -110,7 +110,7 @@ class Commands:
         jacobian: bool = False,
         overwrite: bool = False,
         resample: bool = False,
-        affine: bool = False,
+        affine: bool = True,
         similarity: str = "lncc",
         loss: Optional[str] = None,
         refine_steps: Union[int, Sequence[int], None] = None,
@@ -138,7 +138,8 @@ class Commands:
             resample: resample moving images (and labels) onto the fixed grid when their geometry differs.
             affine: run the affine stage first (centres of mass, then rigid and affine, see custom.affine): moving
                 scans in their own space (any grid, orientation or field of view) need no resample; also writes
-                <name>_affine.txt (ITK AffineTransform_double_3_3, apply it after the field).
+                <name>_affine.txt (ITK AffineTransform_double_3_3, apply it after the field). False: the
+                deformable stage alone, on moving images already on the fixed grid (or --resample True).
             similarity: the training similarity (lncc or mse), used by the refinement.
             loss: deprecated name of similarity.
             refine_steps: test-time refinement steps per pair at most, one number for every level or one per level
@@ -224,21 +225,29 @@ class Commands:
         return str(make_demo(directory, num_subjects, tuple(shape), seed))
 
     def apply(
-        self, image: str, field: str, output: str, mode: str = "auto", jacobian: bool = False, overwrite: bool = False
+        self,
+        image: str,
+        field: str,
+        output: str,
+        mode: str = "auto",
+        jacobian: bool = False,
+        overwrite: bool = False,
+        affine: Optional[str] = None,
     ) -> str:
         """Warp an image or label map with a field that register wrote, onto the field's (fixed) grid.
 
         Args:
-            image: a NIfTI image or label map on the grid the pair was registered on.
+            image: a NIfTI image or label map on the grid the pair was registered on (with affine: the moving grid).
             field: the <name>_ddf file (ITK .nii.gz/.mha or voxel layout).
             output: the warped file (.nii.gz or .nii).
             mode: linear (images), nearest (label maps) or auto (nearest for integer data).
             jacobian: also write <output>_jacobian.nii.gz, the field's Jacobian determinant.
             overwrite: replace existing outputs (inputs are never overwritten).
+            affine: the pair's <name>_affine.txt when register ran the affine stage (applied after the field).
         """
         from custom.interop import apply_field
 
-        return "\n".join(apply_field(image, field, output, mode, jacobian, overwrite))
+        return "\n".join(apply_field(image, field, output, mode, jacobian, overwrite, affine))
 
     def export_bundle(self, output_dir: str, overwrite: bool = False, archive: bool = True) -> str:
         """Write the bundle as the MONAI model zoo takes it: one self-contained folder (configs, docs, LICENSE,

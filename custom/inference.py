@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from nibabel.filebasedimages import ImageFileError
 
-from custom.affine import align_affine, grid_coordinates, plane_affine, voxel_map
+from custom.affine import align_affine, grid_coordinates, plane_affine, plane_frame, voxel_map, world_transform
 from custom.data.oasis import IMAGE_FILES
 from custom.data.transforms import drop_trailing_axes, pair_transforms
 from custom.errors import as_bool
@@ -412,7 +412,9 @@ class RegistrationPairs(torch.utils.data.Dataset):
     def _align(self, out: dict, item: Dict[str, str]) -> dict:
         """The affine stage of one pair: its transform, the moving image resampled through it onto the fixed grid,
         the map from fixed to moving voxels and the similarities (see the class docstring)."""
-        moving_affine, fixed_affine = (plane_affine(nib.load(item[k]).affine, self.spatial_dims) for k in KEYS[:2])
+        world = [nib.load(item[k]).affine for k in KEYS[:2]]
+        frame = plane_frame(world[1]) if self.spatial_dims == 2 else None
+        moving_affine, fixed_affine = (plane_affine(a, self.spatial_dims, frame) for a in world)
         moving, fixed = torch.as_tensor(out["moving"])[None].float(), torch.as_tensor(out["fixed"])[None].float()
         result = align_affine(moving, fixed, moving_affine, fixed_affine, self.similarity)
         matrix = torch.as_tensor(voxel_map(result.transform, moving_affine, fixed_affine))
@@ -421,6 +423,6 @@ class RegistrationPairs(torch.utils.data.Dataset):
         return {
             "moving": resampled,
             "moving_map": matrix,
-            "affine": torch.as_tensor(result.transform),
+            "affine": torch.as_tensor(world_transform(result.transform, frame)),
             "affine_lncc": scores,
         }

@@ -24,8 +24,20 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from custom.affine import (
+    check_plausible,
+    grid_coordinates,
+    grid_record,
+    plane_affine,
+    plane_frame,
+    plane_transform,
+    read_itk_affine,
+    transform_grids,
+    voxel_map,
+)
 from custom.atomic import SIGNATURE, atomic_path, check_replaceable
 from custom.errors import as_bool
+from custom.warp import sample_at
 
 __all__ = [
     "APPLY_MODES",
@@ -258,6 +270,27 @@ def _check_output(output: Path, inputs, overwrite: bool) -> None:
         raise FileExistsError(f"{str(output)!r} exists; pass --overwrite True to replace it.")
 
 
+def _affine_map(
+    path: Union[str, Path], image: nib.Nifti1Image, field_affine: np.ndarray, grid, nd: int
+) -> torch.Tensor:
+    """The map from the field's voxels to ``image``'s voxels through the transform file ``path`` (checked to be the
+    one of this image's grid and this field's grid, and plausible)."""
+    frame = plane_frame(field_affine) if nd == 2 else None
+    transform = read_itk_affine(path)
+    transform = transform if nd == 3 else plane_transform(transform, frame)
+    check_plausible(transform)
+    recorded = transform_grids(path)
+    found = {"moving": grid_record(image.shape, image.affine), "fixed": grid_record(grid, field_affine)}
+    for key, what in (("moving", "the image"), ("fixed", "the field")):
+        if key in recorded and recorded[key] != found[key]:
+            raise ValueError(
+                f"transform file {str(path)!r} was computed for another pair: its {key} grid ({recorded[key]}) is not "
+                f"the grid of {what} ({found[key]}); give the _affine.txt that register wrote with this field."
+            )
+    matrix = voxel_map(transform, plane_affine(image.affine, nd, frame), plane_affine(field_affine, nd, frame))
+    return torch.as_tensor(matrix)
+
+
 def apply_field(
     image: Union[str, Path],
     field: Union[str, Path],
@@ -265,28 +298,32 @@ def apply_field(
     mode: str = "auto",
     jacobian: bool = False,
     overwrite: bool = False,
+    affine: Union[str, Path, None] = None,
 ) -> list:
-    """Warp an image or label map with a field written by :func:`write_field`, on the field's (fixed) grid.
+    """Warp an image or label map with a field written by :func:`write_field` (after the affine ``register``
+    wrote, if given), onto the field's (fixed) grid.
 
     Args:
-        image: a NIfTI image or label map on the field's grid (the grid the pair was registered on).
+        image: a NIfTI image or label map on the field's grid (the grid the pair was registered on), or, with
+            ``affine``, on the moving image's grid.
         field: the field (ITK ``.nii.gz`` / ``.mha`` or voxel layout).
         output: the warped image (``.nii.gz``/``.nii``), with the field's geometry.
         mode: ``"linear"`` for images, ``"nearest"`` for label maps, or ``"auto"``: nearest for integer data.
         jacobian: also write ``<output>_jacobian.nii.gz``, the field's Jacobian determinant.
         overwrite: replace existing outputs (only files this project wrote, see
             :func:`~custom.atomic.check_replaceable`).
+        affine: the pair's ``<name>_affine.txt``: the image is sampled once through the composed transform.
 
     Returns:
         The files written.
 
     Raises:
         FileNotFoundError: for a missing image or field.
-        ValueError: for a 4-D image, a file that is not a field, another grid, an unknown mode or a bad output.
+        ValueError: for a 4-D image, a file that is not a field, another grid, an unknown mode, a bad output, or a
+            transform file of another pair (its recorded grids differ from the image's or the field's).
         FileExistsError: when an output exists and ``overwrite`` is false.
     """
     from custom.metrics import jacobian_determinant
-    from custom.warp import SpatialTransformer
 
     if mode not in APPLY_MODES:
         raise ValueError(f"mode must be one of {APPLY_MODES}, got {mode!r}.")
@@ -294,31 +331,39 @@ def apply_field(
     stem = output.name[: -len(".nii.gz")] if output.name.endswith(".nii.gz") else output.stem
     outputs = [output] + ([output.with_name(f"{stem}_jacobian.nii.gz")] if jacobian else [])
     for path in outputs:
-        _check_output(path, (image, field), overwrite)
+        _check_output(path, [p for p in (image, field, affine) if p], overwrite)
     if not Path(image).is_file():
         raise FileNotFoundError(f"image file {str(image)!r} does not exist.")
-    ddf, affine, grid = read_field(field)
+    ddf, field_affine, grid = read_field(field)
     moving = nib.load(str(image))
     if len(moving.shape) > 3 and any(n != 1 for n in moving.shape[3:]):
         raise ValueError(f"{str(image)!r} is a {len(moving.shape)}-D image {list(moving.shape)}; give one 2D/3D image.")
     shape = tuple(int(n) for n in moving.shape[:3]) + (1,) * max(0, 3 - len(moving.shape))
-    if shape != grid or not np.allclose(moving.affine, affine, atol=1e-4):
-        raise ValueError(
-            f"{str(image)!r} is not on the field's grid (image {list(shape)}, field {list(grid)}, or another affine); "
-            "the field warps images on the grid of the pair it was computed for: resample the image onto it first."
-        )
+    nd = ddf.shape[0]
+    if affine is None:
+        if shape != grid or not np.allclose(moving.affine, field_affine, atol=1e-4):
+            raise ValueError(
+                f"{str(image)!r} is not on the field's grid (image {list(shape)}, field {list(grid)}, or another "
+                "affine); the field warps images on the grid of the pair it was computed for: resample the image onto "
+                "it first, or give the pair's --affine file when register ran the affine stage."
+            )
+        matrix = torch.eye(nd + 1, dtype=torch.float64)
+    else:
+        matrix = _affine_map(affine, moving, field_affine, grid, nd)
     integer = moving.get_data_dtype().kind in "iub"
     nearest = mode == "nearest" or (mode == "auto" and integer)
-    data = torch.from_numpy(np.asarray(moving.dataobj, dtype=np.float32).reshape(ddf.shape[1:]))[None, None]
+    data = torch.from_numpy(np.asarray(moving.dataobj, dtype=np.float32).reshape(shape[:nd]))[None, None]
     with torch.no_grad():
-        warped = SpatialTransformer("nearest" if nearest else "bilinear")(data, ddf[None])[0, 0].numpy()
+        coords = grid_coordinates(matrix, grid[:nd], ddf[None])
+        warped = sample_at(data, coords, "nearest" if nearest else "bilinear")[0, 0].numpy()
     header = moving.header.copy()
     header["descrip"] = SIGNATURE.encode()
     header.set_data_dtype(moving.get_data_dtype() if nearest else np.float32)
-    results = [nib.Nifti1Image(warped.reshape(moving.shape).astype(header.get_data_dtype()), affine, header)]
+    out_shape = moving.shape if affine is None else grid
+    results = [nib.Nifti1Image(warped.reshape(out_shape).astype(header.get_data_dtype()), field_affine, header)]
     if jacobian:
         det = jacobian_determinant(ddf[None])[0].numpy().reshape(grid)
-        results.append(nib.Nifti1Image(det.astype(np.float32), affine))
+        results.append(nib.Nifti1Image(det.astype(np.float32), field_affine))
     for image_out, path in zip(results, outputs):
         with atomic_path(path, suffix=".nii.gz" if path.name.endswith(".gz") else ".nii") as tmp:
             nib.save(image_out, str(tmp))

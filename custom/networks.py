@@ -133,11 +133,13 @@ class _UNetLayers(nn.Module):
 
     def _flow(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
         """The flow at the UNet's resolution (input zero-padded to a multiple of ``stride``) and the input's sizes."""
-        if x.dim() != self.spatial_dims + 2 or x.shape[1] != 2:
+        if x.dim() != self.spatial_dims + 2:
             raise ValueError(
-                f"expected input of shape (B, 2, *spatial) with {self.spatial_dims} spatial dims (moving, fixed), "
+                f"expected input of shape (B, 2, *spatial) with {self.spatial_dims} spatial dims, "
                 f"got shape {list(x.shape)}."
             )
+        if x.shape[1] != 2:
+            raise ValueError(f"expected 2 input channels (moving, fixed), got {x.shape[1]} in shape {list(x.shape)}.")
         sizes = [int(n) for n in x.shape[2:]]
         pads: List[int] = []
         for n in sizes:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from custom.affine import grid_coordinates, write_itk_affine
+from custom.affine import grid_coordinates, grid_record, write_itk_affine
 from custom.atomic import SIGNATURE, atomic_write_text, check_replaceable
 from custom.errors import as_bool
 from custom.inference import KEYS, RegistrationPairs
@@ -146,7 +146,9 @@ class RegistrationWriter:
                 if key == "ddf":
                     write_field(ddf[0], fixed, staged[key], self.ddf_format)
                 elif key == "affine":
-                    write_itk_affine(staged[key], np.asarray(item["affine"]))
+                    moving = nib.load(item["moving_path"])
+                    grids = (grid_record(img.shape, img.affine) for img in (moving, fixed))
+                    write_itk_affine(staged[key], np.asarray(item["affine"]), *grids)
                 else:
                     nib.save(images[key], str(staged[key]))
             for key, path in paths.items():
@@ -168,28 +170,37 @@ class RegistrationWriter:
         for item, output in zip(items, outputs):
             ddf = torch.as_tensor(output["pred"]).float()[None].cpu()
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            moving, fixed = (torch.as_tensor(item[k])[None].float().cpu() for k in ("moving", "fixed"))
-            with torch.no_grad():  # scored on the normalised images (after the affine stage, if any)
-                if ddf.shape[1] not in self._lncc:
-                    self._lncc[ddf.shape[1]] = LocalNCCLoss(ddf.shape[1])
-                lncc = self._lncc[ddf.shape[1]]
-                before, after = -float(lncc(moving, fixed)), -float(lncc(self.warp(moving, ddf), fixed))
-            row = self._write_pair(item, ddf)
-            if "affine_lncc" in item:
-                initial, _, aligned = (float(v) for v in item["affine_lncc"])
-                row.update(affine_lncc_initial=f"{initial:.4f}", affine_lncc_after=f"{aligned:.4f}")
-                if aligned < AFFINE_MIN_LNCC:
-                    _warn(
-                        item["name"],
-                        f"after the affine stage the images barely match (LNCC {aligned:.3f} < " f"{AFFINE_MIN_LNCC})",
-                    )
-            warning = "" if after > before + IMPROVEMENT else f"LNCC did not improve ({before:.3f} -> {after:.3f})"
-            row.update(lncc_before=f"{before:.4f}", lncc_after=f"{after:.4f}", warning=warning)
+            scores, warnings, summary = self._scores(item, ddf)
+            row = {**self._write_pair(item, ddf), **scores, "warning": "; ".join(warnings)}
             files = ", ".join(row[k] for k in ("warped", "ddf", "warped_label", "affine", "jacobian") if row.get(k))
-            print(f"{item['name']}: LNCC {before:.3f} -> {after:.3f}; wrote {files} in {self.output_dir}", flush=True)
-            if warning:
+            print(f"{item['name']}: {summary}; wrote {files} in {self.output_dir}", flush=True)
+            for warning in warnings:
                 _warn(item["name"], f"{warning}; the outputs are written but are likely no registration")
             self.rows.append(row)
+
+    def _scores(self, item: dict, ddf: torch.Tensor):
+        """A pair's ``pairs_out.csv`` similarity columns, its warnings and the summary printed: the affine stage's
+        LNCC (window 5 at the pyramid's finest level) before and after it, and the LNCC (window 9, normalised images
+        on the fixed grid, after the affine stage) before and after the deformable stage."""
+        moving, fixed = (torch.as_tensor(item[k])[None].float().cpu() for k in ("moving", "fixed"))
+        with torch.no_grad():
+            if ddf.shape[1] not in self._lncc:
+                self._lncc[ddf.shape[1]] = LocalNCCLoss(ddf.shape[1])
+            lncc = self._lncc[ddf.shape[1]]
+            before, after = -float(lncc(moving, fixed)), -float(lncc(self.warp(moving, ddf), fixed))
+        scores, warnings, summary = {}, [], f"LNCC {before:.3f} -> {after:.3f}"
+        if "affine_lncc" in item:
+            initial, _, aligned = (float(v) for v in item["affine_lncc"])
+            scores.update(affine_lncc_initial=f"{initial:.4f}", affine_lncc_after=f"{aligned:.4f}")
+            summary = f"affine stage LNCC {initial:.3f} -> {aligned:.3f}; {summary}"
+            if aligned < AFFINE_MIN_LNCC:
+                warnings.append(
+                    f"after the affine stage the images barely match (LNCC {aligned:.3f} < {AFFINE_MIN_LNCC})"
+                )
+        scores.update(lncc_before=f"{before:.4f}", lncc_after=f"{after:.4f}")
+        if after <= before + IMPROVEMENT:
+            warnings.append(f"LNCC did not improve ({before:.3f} -> {after:.3f})")
+        return scores, warnings, summary
 
     def _write_table(self, engine: Engine) -> None:
         buffer = io.StringIO()

@@ -12,8 +12,21 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from custom.affine import align_affine, check_plausible, grid_coordinates, read_itk_affine, write_itk_affine
+from custom.affine import (
+    align_affine,
+    check_plausible,
+    grid_coordinates,
+    grid_record,
+    plane_frame,
+    plane_transform,
+    read_itk_affine,
+    voxel_map,
+    world_transform,
+    write_itk_affine,
+)
 from custom.atomic import written_by_us
+from custom.interop import apply_field, read_field, write_field
+from custom.warp import sample_at
 
 REPO = Path(__file__).resolve().parents[1]
 LABELLED = REPO.parent / "shared" / "data" / "oasis_labelled"
@@ -100,8 +113,9 @@ def test_itk_file_is_what_simpleitk_reads(tmp_path):
         assert np.allclose(transform.TransformPoint(tuple(np.array(point) * flip)), expected, atol=1e-9)
     assert np.allclose(read_itk_affine(path), truth, atol=1e-12)
     assert written_by_us(path)  # a rerun with --overwrite may replace it
-    plane = write_itk_affine(tmp_path / "b.txt", _known(2))
-    assert np.allclose(read_itk_affine(plane, 2), _known(2), atol=1e-12)
+    frame = plane_frame(np.array([[0.0, 0.0, 1.2, 5.0], [-1.0, 0.0, 0.0, 3.0], [0.0, 0.9, 0.0, -7.0], [0, 0, 0, 1]]))
+    plane = write_itk_affine(tmp_path / "b.txt", world_transform(_known(2), frame))  # a slice across world axes
+    assert np.allclose(plane_transform(read_itk_affine(plane), frame), _known(2), atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -118,6 +132,38 @@ def test_bad_transform_files(tmp_path, text, message):
         read_itk_affine(tmp_path / "t.txt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_itk_affine(tmp_path / "none.txt")
+
+
+def test_apply_takes_the_pairs_transform_and_refuses_another_pairs(tmp_path):
+    """apply --affine samples the moving image once through field and affine, exactly as register's writer does
+    (the same composed sampling); a transform file recorded for other grids is refused before anything is written."""
+    truth = _known(3)
+    fixed_affine, moving_affine = _grid(3, (1.5, 1.5, 1.5), 0, (-36, -36, -36)), _grid(
+        3, (2.0, 1.2, 1.6), 20, (-30, -40, -35)
+    )
+    fixed = nib.Nifti1Image(_image(fixed_affine, (48,) * 3, np.eye(4))[0, 0].numpy(), fixed_affine)
+    moving_data = _image(moving_affine, (40, 64, 48), np.linalg.inv(truth))[0, 0].numpy()
+    nib.save(nib.Nifti1Image(moving_data, moving_affine), str(tmp_path / "moving.nii.gz"))
+    ddf = 0.5 * torch.randn(3, 48, 48, 48)
+    write_field(ddf, fixed, tmp_path / "ddf.nii.gz", "itk")
+    grids = (grid_record((40, 64, 48), moving_affine), grid_record((48,) * 3, fixed_affine))
+    write_itk_affine(tmp_path / "affine.txt", truth, *grids)
+    apply_field(
+        tmp_path / "moving.nii.gz", tmp_path / "ddf.nii.gz", tmp_path / "out.nii.gz", affine=tmp_path / "affine.txt"
+    )
+    field, field_affine, grid = read_field(tmp_path / "ddf.nii.gz")
+    matrix = torch.as_tensor(voxel_map(truth, moving_affine, field_affine))
+    expected = sample_at(torch.as_tensor(moving_data)[None, None], grid_coordinates(matrix, grid, field[None]))[0, 0]
+    out = nib.load(str(tmp_path / "out.nii.gz"))
+    assert np.allclose(out.get_fdata(), expected.numpy(), atol=1e-5) and np.allclose(out.affine, fixed_affine)
+    assert np.corrcoef(out.get_fdata().ravel(), fixed.get_fdata().ravel())[0, 1] > 0.5  # the content came along
+    other = nib.Nifti1Image(moving_data[:, :, :40], moving_affine)  # another subject's grid
+    nib.save(other, str(tmp_path / "other.nii.gz"))
+    with pytest.raises(ValueError, match="was computed for another pair: its moving grid"):
+        apply_field(
+            tmp_path / "other.nii.gz", tmp_path / "ddf.nii.gz", tmp_path / "x.nii.gz", affine=tmp_path / "affine.txt"
+        )
+    assert not (tmp_path / "x.nii.gz").exists()
 
 
 @pytest.mark.slow
@@ -159,3 +205,8 @@ def test_native_scan_registered_and_applied_by_itk_and_ants(tmp_path):
         transformlist=[f"{name}_ddf.nii.gz", f"{name}_affine.txt"],
     )
     assert np.abs(warped.numpy() - ours).max() <= 1e-3 * scale
+    applied = [sys.executable, "-m", "custom", "apply", "--image", str(moving / "seg35.nii.gz"), "--field"]
+    applied += [f"{name}_ddf.nii.gz", "--affine", f"{name}_affine.txt", "--output", str(tmp_path / "applied.nii.gz")]
+    proc = subprocess.run(applied, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.array_equal(np.asarray(nib.load(str(tmp_path / "applied.nii.gz")).dataobj), label)  # register's own

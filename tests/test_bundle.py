@@ -95,7 +95,8 @@ def test_documented_commands_end_to_end(tmp_path):
     assert (ws / "runs" / "evaluate" / "metrics.csv").read_text().startswith("moving,fixed,lncc,mse")
     written = sorted(p.name for p in (ws / "runs" / "inference").iterdir())
     name = "OASIS_OAS1_0002_MR1_slice_norm__to__OASIS_OAS1_0001_MR1_slice_norm"
-    assert written == [f"{name}_ddf.mha", f"{name}_warped.nii.gz", f"{name}_warped_label.nii.gz", "pairs_out.csv"]
+    suffixes = ["_affine.txt", "_ddf.mha", "_warped.nii.gz", "_warped_label.nii.gz"]
+    assert written == [name + suffix for suffix in suffixes] + ["pairs_out.csv"]
     # the scripted export gives the checkpoint's output
     net = RegistrationNet(2, "both").eval()
     net.load_state_dict(torch.load(models / "model.pt", weights_only=True))
@@ -119,6 +120,7 @@ def test_inference_folder_and_csv_carry_fixed_geometry(tmp_path):
     fixed = nib.load(fixed_path)
     name = "T1__to__OASIS_OAS1_0001_MR1_aligned_norm"
     assert sorted(p.name for p in (ws / "out").iterdir()) == [
+        f"{name}_affine.txt",
         f"{name}_ddf.nii.gz",
         f"{name}_warped.nii.gz",
         "pairs_out.csv",
@@ -165,9 +167,9 @@ def test_inference_resamples_onto_the_fixed_grid(tmp_path):
     nib.save(nib.Nifti1Image(np.asarray(moving.dataobj), shifted), str(ws / "moved.nii.gz"))
     base = INFERENCE + ["--spatial_dims", "3", "--model_path", "model.pt", "--refine_steps", "0"]
     args = ["--moving", "moved.nii.gz", "--fixed", str(fixed_path)]
-    refused = run(base + args + ["--output_dir", "refused"], cwd=ws, check=False)
+    refused = run(base + args + ["--output_dir", "refused", "--affine", "False"], cwd=ws, check=False)
     assert refused.returncode == 2 and "is not on the grid of fixed" in refused.stderr and not (ws / "refused").exists()
-    run(base + args + ["--output_dir", "resampled", "--resample", "True"], cwd=ws)
+    run(base + args + ["--output_dir", "resampled", "--resample", "True", "--affine", "False"], cwd=ws)
     warped = nib.load(next((ws / "resampled").glob("*_warped.nii.gz")))
     assert warped.shape == nib.load(fixed_path).shape and np.allclose(warped.affine, nib.load(fixed_path).affine)
 
@@ -248,15 +250,24 @@ BAD_INPUTS = [
     ("inference", ["--fixed", f"{S1}/slice_norm.nii.gz"], "give --moving and --fixed"),  # no moving image
     (
         "inference",
-        ["--moving", "wide.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"],
+        ["--moving", "wide.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz", "--affine", "false"],
         "is not on the grid of fixed",
-    ),  # shapes
+    ),  # shapes, without the affine stage (which takes any grid)
     (
         "inference",
-        ["--moving", "rotated.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"],
+        ["--moving", "rotated.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz", "--affine", "false"],
         "is not on the grid of fixed",
-    ),  # affines
-    ("inference", PAIR + ["--moving_label", "label_moved.nii.gz"], "is not on the grid of fixed"),  # label geometry
+    ),  # affines, without the affine stage
+    (
+        "inference",
+        PAIR + ["--moving_label", "label_moved.nii.gz", "--affine", "false"],
+        "is not on the grid of fixed",
+    ),  # label geometry, without the affine stage
+    (
+        "inference",
+        PAIR + ["--moving_label", "label_moved.nii.gz"],
+        "and moving .* have different affines; a label map must share its image's grid",
+    ),  # label geometry: the affine stage moves the image's grid, the label must share it
     (
         "inference",
         ["--moving", "shear_moving.nii.gz", "--fixed", "shear_fixed.nii.gz"],
@@ -317,7 +328,7 @@ BAD_INPUTS = [
     ("train", ["--cache", "ram"], r"cache must be one of \('memory', 'disk', 'none'\), got 'ram'"),  # unknown cache
     (
         "register",
-        ["--moving", "rotated.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz"],
+        ["--moving", "rotated.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz", "--affine", "no"],
         "is not on the grid of fixed",
     ),  # CLI
     ("register", ["--pairs", "pairs_nan.csv"], "contains NaN"),  # CLI, second pair

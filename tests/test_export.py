@@ -153,4 +153,4 @@ def test_exported_bundle_passes_the_zoo_checks_in_a_clean_environment(tmp_path):
     run([str(python)] + command + ["--moving", str(moving), "--fixed", str(fixed)], cwd=bundle)
     name = f"{moving.parent.name}_slice_norm__to__{fixed.parent.name}_slice_norm"
     written = {p.name for p in (bundle / "out").iterdir()}
-    assert written == {f"{name}_ddf.mha", f"{name}_warped.nii.gz", "pairs_out.csv"}
+    assert written == {f"{name}_affine.txt", f"{name}_ddf.mha", f"{name}_warped.nii.gz", "pairs_out.csv"}

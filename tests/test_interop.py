@@ -180,6 +180,8 @@ def test_register_writes_a_field_simpleitk_applies(tmp_path):
         "3",
         "--refine_steps",
         "20",
+        "--affine",
+        "False",  # the field alone (tests/test_affine.py applies field and affine together)
         "--output_dir",
         "out",
     ]
