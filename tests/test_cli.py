@@ -109,16 +109,35 @@ def test_top_level_help_lists_every_command(ws):
     assert listed == expected and "register" in listed and "export-bundle" in listed
 
 
-def test_documented_cli_commands_run(ws):
-    """Every `python -m custom ...` command shown in bundle/docs/README.md, in a scratch copy of the layout."""
+def _documented_cli_commands():
+    """The `python -m custom ...` commands of bundle/docs/README.md, grouped: an `apply` goes with the `register`
+    before it, which writes its field."""
     from test_bundle import documented_commands  # pytest puts tests/ on sys.path
 
-    commands = [
-        c for c in documented_commands(REPO / "bundle" / "docs" / "README.md") if c.startswith("python -m custom ")
-    ]
+    groups = []
+    for cmd in documented_commands(REPO / "bundle" / "docs" / "README.md"):
+        if cmd.startswith("python -m custom apply ") and groups:
+            groups[-1].append(cmd)
+        elif cmd.startswith("python -m custom "):
+            groups.append([cmd])
+    return groups
+
+
+DOCUMENTED = _documented_cli_commands()
+
+
+def test_the_documented_commands_are_found():
+    commands = [c for group in DOCUMENTED for c in group]
     assert any(" study " in c for c in commands) and any(" accuracy " in c for c in commands)
     assert any(" scale" in c for c in commands) and any("benchmark --spatial_dims 3" in c for c in commands)
-    for cmd in commands:
+    assert any(" apply " in c for c in commands)
+
+
+@pytest.mark.parametrize("group", DOCUMENTED, ids=lambda g: g[0][len("python -m custom ") :][:40])
+def test_documented_cli_commands_run(ws, group):
+    """Every `python -m custom ...` command shown in bundle/docs/README.md, in a scratch copy of the layout (each
+    group a case of its own, so the slow ones run side by side)."""
+    for cmd in group:
         extra = " --epochs 1 --num_val 2 --num_test 2 --batch_size 4" if " study " in cmd else ""
         shape = "[16,16,16]" if "--spatial_dims 3" in cmd else "[32,32]"
         extra += f" --shape {shape} --batch_size 2 --repeats 1" if " benchmark" in cmd else ""
