@@ -22,6 +22,7 @@ OTHER_TOOLS = {
     "nproc_per_node": "torchrun",
     "skip": "black (--skip-magic-trailing-comma)",
     "help": "every command",
+    "durations": "pytest (the test command prints the slowest tests)",
     "key": "the override syntax --key value",
     "refine_step": "the mistyped option the docs show being refused",
 }
