@@ -104,11 +104,12 @@ def run_accuracy(
     model_path: Optional[str] = None,
     pairs_per_subject: int = 2,
     max_displacement: float = 4.0,
+    subject_pairs: int = 3,
 ) -> Path:
     """Train, register held-out pairs with every method, print the table and write it to
     ``<output_dir>/accuracy.md`` (the path returned) with every pair's row in ``results.json``. In 3D no network is
     trained: :mod:`custom.accuracy_3d` registers known-deformation pairs back with the shipped (or ``model_path``)
-    network, refinement and ANTs SyN.
+    network, refinement and ANTs SyN, and real subject pairs with each tool run whole (:mod:`custom.accuracy_subjects`).
 
     Args:
         dataset_dir: a neurite-OASIS-style root.
@@ -139,8 +140,11 @@ def run_accuracy(
             ``default_refine_steps`` of refinement, when the bundle has one for ``spatial_dims`` and ``variant``.
         reuse_models: use the models of an earlier run in ``output_dir`` instead of training again.
         model_path: 3D: our network's weights (default the shipped pretrained model of ``variant``).
-        pairs_per_subject: 3D: known deformations of each labelled test subject.
+        pairs_per_subject: 3D: known deformations of each labelled test subject (0: none).
         max_displacement: 3D: standard deviation of the known deformations' velocity, in voxels.
+        subject_pairs: 3D: pairs of real, different subjects per section (aligned -> aligned, and native ->
+            aligned where subjects have their native norm.nii.gz), each tool run whole from the files
+            (custom.accuracy_subjects); 0: none.
     """
     options = SimpleNamespace(**locals())
     if check_spatial_dims(spatial_dims) == 3:
@@ -211,6 +215,7 @@ def _run_volumes(o: SimpleNamespace) -> Path:
         o.peers,
         o.threads,
         o.seed,
+        o.subject_pairs,
     )
 
 

@@ -13,9 +13,7 @@ determinant <= 0), the minimum determinant, SDlogJ, wall and CPU seconds per pai
 """
 
 import json
-import multiprocessing
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +21,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from custom.accuracy_report import VOLUME_SWEEP, aggregate, pair_row, write_report
+from custom.accuracy_report import VOLUME_SWEEP, aggregate, pair_row, peak_rss_gib, run_in_process, write_report
+from custom.accuracy_subjects import run_subject_pairs
 from custom.data.demo import ensure_dataset
 from custom.data.frames import SubjectFrames
 from custom.data.oasis import find_subjects, resolve_label
@@ -72,18 +71,13 @@ def _child(spec: dict, pair_files: List[str], out_dir: str, threads: int) -> Non
         timings.append({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu})
         torch.save({"warped_label": warped.to(torch.int32), "det": det.float()}, Path(out_dir) / f"{i}.pt")
         del item, warped, det
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
-    (Path(out_dir) / "timings.json").write_text(json.dumps({"pairs": timings, "peak_rss_gib": peak}))
+    (Path(out_dir) / "timings.json").write_text(json.dumps({"pairs": timings, "peak_rss_gib": peak_rss_gib()}))
 
 
 def _run_method(spec: dict, pair_files: List[str], work: Path, threads: int) -> dict:
     """Run ``_child`` in a spawned process; its per-pair outputs and peak RSS."""
     out = Path(tempfile.mkdtemp(dir=work))
-    process = multiprocessing.get_context("spawn").Process(target=_child, args=(spec, pair_files, str(out), threads))
-    process.start()
-    process.join()
-    if process.exitcode != 0:
-        raise RuntimeError(f"the {spec['kind']} registration process failed (exit code {process.exitcode}).")
+    run_in_process(f"the {spec['kind']} registration process", _child, spec, pair_files, str(out), threads)
     record = json.loads((out / "timings.json").read_text())
     record["outputs"] = [torch.load(out / f"{i}.pt", weights_only=True) for i in range(len(pair_files))]
     return record
@@ -159,6 +153,7 @@ def run_volume_accuracy(
     peers: Union[str, Sequence[str]] = ("ants",),
     threads: int = 2,
     seed: int = 0,
+    subject_pairs: int = 3,
 ) -> Path:
     """The 3D benchmark: write ``<output_dir>/accuracy.md`` and ``results.json`` and print the table.
 
@@ -171,39 +166,56 @@ def run_volume_accuracy(
     from custom.pretrained import pretrained_path
     from custom.runner import bundle_dir
 
-    if pairs_per_subject < 1 or not max_displacement > 0:
+    if pairs_per_subject < 0 or subject_pairs < 0 or not max_displacement > 0:
         raise ValueError(
-            f"pairs_per_subject must be >= 1 and max_displacement > 0, got {pairs_per_subject} and "
-            f"{max_displacement}."
+            f"pairs_per_subject and subject_pairs must be >= 0 and max_displacement > 0, got {pairs_per_subject}, "
+            f"{subject_pairs} and {max_displacement}."
         )
     steps = [tuple(int(n) for n in s) if isinstance(s, (list, tuple)) else int(s) for s in as_list(refine_steps)]
     options = {k: v for k, v in (refine_options or {}).items() if v is not None}
     for n in steps:
         RefineOptions(**{**options, "steps": n}).for_dims(3)
     model_path = model_path or pretrained_path(bundle_dir(), 3, variant)
-    pairs = _pairs(dataset_dir, as_list(test_subjects), image, label, pairs_per_subject, max_displacement, seed)
+    known = pairs_per_subject > 0  # checked before anything is written
+    subjects = as_list(test_subjects)
+    pairs = _pairs(dataset_dir, subjects, image, label, pairs_per_subject, max_displacement, seed) if known else []
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{len(pairs)} known-deformation pairs of shape {list(pairs[0]['fixed'].shape[1:])}", flush=True)
-    methods = _methods(model_path, variant, steps, options, as_list(peers), seed)
-    results, per_pair = {}, {}
+    results, per_pair, header = {}, {}, f"# 3D accuracy on {dataset_dir}\n\n{LEGEND.format(threads=threads)}\n\n"
     with tempfile.TemporaryDirectory(dir=out) as work:
-        files = []
-        for i, item in enumerate(pairs):
-            files.append(str(Path(work) / f"pair{i}.pt"))
-            torch.save({k: item[k] for k in ("moving", "fixed", "moving_label")}, files[-1])
-        for name, spec in methods.items():
-            record = _run_method(spec, files, Path(work), threads) if spec else None
-            per_pair[name] = [_row(item, record, i) for i, item in enumerate(pairs)]
-            results[name] = aggregate(per_pair[name])
-            print(f"{name}: {json.dumps({k: round(v['mean'], 4) for k, v in results[name].items()})}", flush=True)
-    header = (
-        f"# 3D accuracy: {len(pairs)} known-deformation pairs (velocity std {max_displacement} voxels) of the "
-        f"labelled subjects of {dataset_dir}\n\nDice over every label, mean ± sd over pairs; worst 30%: the mean of "
-        "each pair's lowest 30% label Dice; HD95 in voxels; wall and CPU seconds of the registration per pair; "
-        f"peak RSS of the method's process; {threads} threads.\n\n"
-    )
-    return write_report(out, header, results, per_pair, volumes=True)
+        if known:
+            methods = _methods(model_path, variant, steps, options, as_list(peers), seed)
+            results, per_pair = _known_deformations(pairs, methods, Path(work), threads)
+            header += (
+                f"## Known deformations: {len(pairs)} pairs (velocity std {max_displacement} voxels) of the labelled "
+                "subjects\n\n"
+            )
+        root = ensure_dataset(dataset_dir)
+        subjects = run_subject_pairs(root, subject_pairs, "auto", as_list(peers), threads, seed, Path(work))
+    return write_report(out, header, results, per_pair, volumes=True, sections=subjects)
+
+
+LEGEND = (
+    "Dice over every label, mean ± sd over pairs; worst 30%: the mean of each pair's lowest 30% label Dice; HD95 in "
+    "voxels; % folding, min det and SDlogJ of the Jacobian determinant of the deformable transform; wall and CPU "
+    "seconds per pair and the peak RSS of the method's process ({threads} threads): of the registration alone for "
+    "known deformations, of the whole tool (imports, reading and writing files) for real subject pairs."
+)
+
+
+def _known_deformations(pairs: List[dict], methods: Dict[str, Optional[dict]], work: Path, threads: int):
+    """Register the known-deformation pairs with every method (one process each): ``(summaries, rows)``."""
+    print(f"{len(pairs)} known-deformation pairs of shape {list(pairs[0]['fixed'].shape[1:])}", flush=True)
+    results, per_pair, files = {}, {}, []
+    for i, item in enumerate(pairs):
+        files.append(str(work / f"pair{i}.pt"))
+        torch.save({k: item[k] for k in ("moving", "fixed", "moving_label")}, files[-1])
+    for name, spec in methods.items():
+        record = _run_method(spec, files, work, threads) if spec else None
+        per_pair[name] = [_row(item, record, i) for i, item in enumerate(pairs)]
+        results[name] = aggregate(per_pair[name])
+        print(f"{name}: {json.dumps({k: round(v['mean'], 4) for k, v in results[name].items()})}", flush=True)
+    return results, per_pair
 
 
 def _row(item: dict, record: Optional[dict], i: int) -> dict:

@@ -3,15 +3,26 @@
 ``results.json``."""
 
 import json
+import multiprocessing
+import resource
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 from custom.atomic import atomic_write_text
 from custom.metrics import format_mean, pair_metrics, summarize
 
-__all__ = ["COLUMNS", "VOLUME_SWEEP", "aggregate", "pair_row", "to_markdown", "write_report"]
+__all__ = [
+    "COLUMNS",
+    "VOLUME_SWEEP",
+    "aggregate",
+    "pair_row",
+    "peak_rss_gib",
+    "run_in_process",
+    "to_markdown",
+    "write_report",
+]
 
 VOLUME_SWEEP = ((60, 10, 0), (60, 20, 10), (60, 20, 20))
 """The refinement steps per level (a quarter, half and full resolution) tabulated in 3D besides the default."""
@@ -28,6 +39,24 @@ COLUMNS = (
     "peak_rss_gib",
 )
 """The summarised columns of the per-pair rows (:func:`custom.metrics.pair_metrics` and the timings)."""
+
+
+def run_in_process(what: str, target: Callable, *args) -> None:
+    """Run ``target(*args)`` in a fresh (spawned) process, so its memory and CPU time are its own.
+
+    Raises:
+        RuntimeError: naming ``what`` when the process fails.
+    """
+    process = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"{what} failed (process exit code {process.exitcode}).")
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far, in GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def pair_row(item: dict, warped_label: Optional[torch.Tensor] = None, det: Optional[torch.Tensor] = None, **extra):
@@ -69,11 +98,24 @@ def to_markdown(results: Dict[str, dict], volumes: bool = False) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, header: str, results: Dict[str, dict], per_pair: Dict[str, List[dict]], volumes=False):
-    """Print the table and write ``<out>/accuracy.md`` (``header`` + table) and ``results.json`` (the summaries and
-    every pair's row); the path of ``accuracy.md``."""
-    table = to_markdown(results, volumes)
-    print(table, flush=True)
-    atomic_write_text(out / "accuracy.md", header + table + "\n")
-    atomic_write_text(out / "results.json", json.dumps({"summary": results, "pairs": per_pair}, indent=4) + "\n")
+def write_report(
+    out: Path,
+    header: str,
+    results: Dict[str, dict],
+    per_pair: Dict[str, List[dict]],
+    volumes: bool = False,
+    sections: Optional[Dict[str, dict]] = None,
+) -> Path:
+    """Print the tables and write ``<out>/accuracy.md`` (``header``, the table of ``results`` when there are any,
+    then a titled table per section) and ``results.json`` (the summaries and every pair's row; the sections', each
+    ``{"summary", "pairs"}``, under ``"subjects"``); the path of ``accuracy.md``."""
+    text = header + (to_markdown(results, volumes) + "\n" if results else "")
+    for name, section in (sections or {}).items():
+        pairs = next(iter(section["pairs"].values()))
+        names = ", ".join(f"{p['moving']} -> {p['fixed']}" for p in pairs)
+        text += f"\n## Real subject pairs, {name}: {names}\n\n{to_markdown(section['summary'], volumes)}\n"
+    print(text, flush=True)
+    atomic_write_text(out / "accuracy.md", text)
+    data = {"summary": results, "pairs": per_pair, **({"subjects": sections} if sections else {})}
+    atomic_write_text(out / "results.json", json.dumps(data, indent=4) + "\n")
     return out / "accuracy.md"

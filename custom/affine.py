@@ -19,7 +19,7 @@ axes (orthonormalised, :func:`plane_frame`), whatever world axes they lie along;
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -248,18 +248,49 @@ def align_affine(
     for stage, counts in STEPS.items():
         params = _Stage(nd, centre_f, transform.detach().numpy(), affine=stage == "affine")
         optimiser = torch.optim.Adam(params.groups())
-        for factor, count in zip(levels, counts):
-            for _ in range(int(round(count * steps_scale))):
-                optimiser.zero_grad()
-                loss = level_loss(params(), factor)
-                loss.backward()
-                optimiser.step()
+        with torch.enable_grad():  # also inside an evaluator's no_grad
+            for factor, count in zip(levels, counts):
+                for _ in range(int(round(count * steps_scale))):
+                    optimiser.zero_grad()
+                    loss = level_loss(params(), factor)
+                    loss.backward()
+                    optimiser.step()
         transform = params().detach()
     with torch.no_grad():
         aligned = -float(level_loss(transform, levels[-1]))
     result = transform.numpy()
     scales = check_plausible(result)
     return AffineResult(result, initial, centred, aligned, scales)
+
+
+def after_affine(
+    inputs: torch.Tensor, deformable: Callable[[torch.Tensor], torch.Tensor], similarity: str = "lncc"
+) -> torch.Tensor:
+    """Register pairs that share one grid (an evaluation split's) with the affine stage first: each moving image is
+    aligned (:func:`align_affine`, voxels as world coordinates), resampled through the affine, registered by
+    ``deformable``, and the two composed into one displacement.
+
+    Args:
+        inputs: ``(B, 2, H, W[, D])``; channel 0 moving, channel 1 fixed.
+        deformable: maps ``(1, 2, H, W[, D])`` (the resampled moving image, the fixed image) to its displacement
+            ``(1, spatial_dims, H, W[, D])`` in voxels.
+        similarity: the affine stage's (``"lncc"`` or ``"mse"``).
+
+    Returns:
+        ``(B, spatial_dims, H, W[, D])``: the voxel displacement ``u`` with ``x + u(x) = A (x + v(x))``, ``A`` the
+        affine (fixed voxels -> moving voxels) and ``v`` the deformable field.
+    """
+    shape, identity = inputs.shape[2:], np.eye(inputs.dim() - 1)
+    grid = grid_coordinates(torch.as_tensor(identity, device=inputs.device), shape)
+    fields = []
+    for pair in inputs:
+        moving, fixed = pair[None, :1], pair[None, 1:]
+        result = align_affine(moving.detach().cpu(), fixed.detach().cpu(), identity, identity, similarity)
+        matrix = torch.as_tensor(result.transform, device=inputs.device)
+        resampled = sample_at(moving, grid_coordinates(matrix, shape))
+        field = deformable(torch.cat([resampled, fixed], dim=1))
+        fields.append(grid_coordinates(matrix, shape, field) - grid)
+    return torch.cat(fields)
 
 
 def check_plausible(transform: np.ndarray) -> List[float]:
@@ -282,34 +313,46 @@ def check_plausible(transform: np.ndarray) -> List[float]:
 
 
 def grid_record(shape: Sequence[int], affine: np.ndarray) -> str:
-    """A grid as one line of text: its shape and its NIfTI affine (rounded to 1e-3 mm), to compare grids by."""
-    values = " ".join(f"{v:.3f}" for v in np.asarray(affine, dtype=np.float64)[:3].ravel()).replace("-0.000", "0.000")
-    shape = [int(n) for n in shape[:3]] + [1] * max(0, 3 - len(shape))  # a 2-D file as a one-slice grid
+    """A grid as one line of text: its shape and its NIfTI affine (rounded to 1e-3 mm), to compare grids by; a 2-D
+    file's (two axes) as ITK sees it, in the world x-y plane: the in-plane rows and columns only."""
+    affine = np.asarray(affine, dtype=np.float64)
+    rows = affine[np.ix_([0, 1], [0, 1, 3])] if len(shape) == 2 else affine[:3]
+    values = " ".join(f"{v:.3f}" for v in rows.ravel()).replace("-0.000", "0.000")
+    shape = [int(n) for n in shape[:3]]
     return f"{'x'.join(map(str, shape))} {values}"
 
 
 def write_itk_affine(
-    path: Union[str, Path], transform: np.ndarray, moving_grid: str = "", fixed_grid: str = ""
+    path: Union[str, Path], transform: np.ndarray, moving_grid: str = "", fixed_grid: str = "", planar: bool = False
 ) -> Path:
     """Write ``transform`` (fixed world -> moving world, RAS, :class:`AffineResult`'s) as the ITK text transform
     ``AffineTransform_double_3_3`` (LPS, moving-from-fixed, centre 0) that ANTs and SimpleITK read (a slice's
-    as :func:`world_transform` gives it). The grids it was
-    computed for (:func:`grid_record`) go into comment lines, which ITK skips and :func:`transform_grids` reads.
+    as :func:`world_transform` gives it); ``planar``: as ``AffineTransform_double_2_2``, for 2-D files, which ITK
+    reads in the world x-y plane (the transform must act in that plane). The grids it was computed for
+    (:func:`grid_record`) go into comment lines, which ITK skips and :func:`transform_grids` reads.
 
     Returns:
         The path written (atomically).
+
+    Raises:
+        ValueError: for a transform that is not 4x4, or (``planar``) that leaves the x-y plane.
     """
     transform = np.asarray(transform, dtype=np.float64)
     if transform.shape != (4, 4):
         raise ValueError(f"expected a 4x4 world transform, got shape {list(transform.shape)}.")
     lps = _LPS @ transform @ _LPS
-    parameters = list(lps[:3, :3].ravel()) + list(lps[:3, 3])
+    if planar and np.abs(transform[2] - [0, 0, 1, 0]).max() + np.abs(transform[:2, 2]).max() > 1e-6:
+        raise ValueError(f"a 2-D transform acts in the world x-y plane; this one leaves it: {transform.tolist()}.")
+    kept = np.ix_([0, 1], [0, 1, 3]) if planar else np.ix_([0, 1, 2], [0, 1, 2, 3])
+    nd = 2 if planar else 3
+    parameters = list(lps[kept][:, :nd].ravel()) + list(lps[kept][:, nd])
     grids = "".join(
         f"#{SIGNATURE} {key} grid: {grid}\n" for key, grid in (("moving", moving_grid), ("fixed", fixed_grid))
     )
+    values = " ".join(repr(float(v)) for v in parameters)
     text = (
-        f"#Insight Transform File V1.0\n#{SIGNATURE}\n{grids}#Transform 0\nTransform: AffineTransform_double_3_3\n"
-        f"Parameters: {' '.join(repr(float(v)) for v in parameters)}\nFixedParameters: 0 0 0\n"
+        f"#Insight Transform File V1.0\n#{SIGNATURE}\n{grids}#Transform 0\n"
+        f"Transform: AffineTransform_double_{nd}_{nd}\nParameters: {values}\nFixedParameters: {' '.join(['0'] * nd)}\n"
     )
     with atomic_path(path, suffix=".txt") as tmp:
         tmp.write_text(text)
@@ -317,8 +360,8 @@ def write_itk_affine(
 
 
 def read_itk_affine(path: Union[str, Path]) -> np.ndarray:
-    """Read an ITK text ``AffineTransform_double_3_3`` (as :func:`write_itk_affine` writes, or ANTs' text form)
-    back into the 4x4 RAS matrix (fixed world -> moving world).
+    """Read an ITK text ``AffineTransform_double_3_3`` or ``_2_2`` (as :func:`write_itk_affine` writes, or ANTs'
+    text form) back into the 4x4 RAS matrix (fixed world -> moving world; a 2-D one in the x-y plane).
 
     Raises:
         FileNotFoundError: for a missing file.
@@ -331,20 +374,27 @@ def read_itk_affine(path: Union[str, Path]) -> np.ndarray:
     for line in path.read_text(errors="replace").splitlines():
         key, _, value = line.partition(":")
         fields[key.strip()] = value.strip()
-    if not fields.get("Transform", "").startswith(
-        ("AffineTransform_double_3_3", "MatrixOffsetTransformBase_double_3_3")
+    kind = fields.get("Transform", "")
+    if not kind.startswith(("AffineTransform_double_", "MatrixOffsetTransformBase_double_")) or kind[-3:] not in (
+        "3_3",
+        "2_2",
     ):
-        raise ValueError(f"{str(path)!r} is not an ITK AffineTransform_double_3_3 text file.")
+        raise ValueError(f"{str(path)!r} is not an ITK AffineTransform_double_3_3 (or _2_2) text file.")
+    nd = int(kind[-1])
     try:
         parameters = [float(v) for v in fields["Parameters"].split()]
-        centre = np.array([float(v) for v in fields.get("FixedParameters", "0 0 0").split()])
-        if len(parameters) != 12 or centre.shape != (3,) or not all(math.isfinite(v) for v in parameters):
+        centre = np.array([float(v) for v in fields.get("FixedParameters", " ".join(["0"] * nd)).split()])
+        if len(parameters) != nd * (nd + 1) or centre.shape != (nd,) or not all(math.isfinite(v) for v in parameters):
             raise ValueError
     except (KeyError, ValueError):
-        raise ValueError(f"{str(path)!r} does not hold the 12 parameters of a 3D affine transform.") from None
+        raise ValueError(
+            f"{str(path)!r} does not hold the {nd * (nd + 1)} parameters of a {nd}D affine transform."
+        ) from None
+    matrix = np.reshape(parameters[: nd * nd], (nd, nd))  # ITK: x -> A (x - c) + c + t
     lps = np.eye(4)
-    lps[:3, :3] = np.reshape(parameters[:9], (3, 3))  # ITK: x -> A (x - c) + c + t
-    lps[:3, 3] = np.array(parameters[9:]) + centre - lps[:3, :3] @ centre
+    kept = [0, 1, 2][:nd]
+    lps[np.ix_(kept, kept)] = matrix
+    lps[kept, 3] = np.array(parameters[nd * nd :]) + centre - matrix @ centre
     return _LPS @ lps @ _LPS
 
 

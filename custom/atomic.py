@@ -5,9 +5,17 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Dict, Iterator, Union
 
-__all__ = ["SIGNATURE", "atomic_path", "atomic_write_text", "check_replaceable", "written_by_us"]
+__all__ = [
+    "SIGNATURE",
+    "atomic_path",
+    "atomic_paths",
+    "atomic_write_text",
+    "check_replaceable",
+    "check_writable",
+    "written_by_us",
+]
 
 SIGNATURE = "vxm-lite"
 """Written into the NIfTI ``descrip`` field and the MetaImage ``Comment`` of every image file we write."""
@@ -38,6 +46,45 @@ def atomic_path(path: PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextmanager
+def atomic_paths(paths: Dict[str, Path]) -> Iterator[Dict[str, Path]]:
+    """Yield a temporary path next to each of ``paths`` (same keys; each keeps its file's suffix: ``.nii.gz``,
+    ``.mha``, ``.txt``); once all are written, rename them all; on error remove them. A crash leaves at most the
+    renames of one group half done, never a half-written file.
+    """
+    staged = {}
+    for key, path in paths.items():
+        suffix = "".join(Path(path).suffixes[-2:]) if str(path).endswith(".nii.gz") else Path(path).suffix
+        staged[key] = Path(path).parent / f".{Path(path).name}.{os.getpid()}.part{suffix}"
+    try:
+        yield staged
+        for key, path in paths.items():
+            os.replace(staged[key], path)
+    finally:
+        for tmp in staged.values():
+            if tmp.exists():
+                tmp.unlink()
+
+
+def check_writable(folder: PathLike) -> None:
+    """A real write test of ``folder`` (or its first existing parent): permission bits say nothing for root, a
+    read-only mount or a full disk.
+
+    Raises:
+        ValueError: naming the folder and the cause.
+    """
+    folder = Path(folder)
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"cannot write to the output folder {str(folder)!r}: {str(existing)!r} is not a writable "
+            f"folder ({error.strerror or error})."
+        ) from None
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:

@@ -5,16 +5,20 @@ one self-contained folder, which it puts on ``sys.path``: ``configs/``, ``docs/`
 and ``large_files.yml``, with the code the configs name inside it. The export writes that folder (and a zip of it)
 from this checkout: the configs with ``bundle_root`` ``"."``, the docs' paths made relative to the bundle, the
 shipped pretrained weights plus ``models/model.pt`` (the default 2D model, which ``evaluate.json`` also reads),
-the manifest with every weight file's sha256, and a copy of the ``custom`` package.
+the manifest with every weight file's sha256, and the modules of the ``custom`` package that the configs reach
+(:func:`config_modules`: the networks, warp, losses, data, refinement, interop and Ignite glue; no study,
+benchmark, scale or command-line code).
 """
 
+import ast
 import json
 import os
+import re
 import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Union
+from typing import List, Optional, Set, Union
 
 import yaml
 
@@ -23,7 +27,7 @@ from custom.errors import as_bool
 from custom.pretrained import MANIFEST, pretrained_path, read_manifest, sha256
 from custom.runner import bundle_dir
 
-__all__ = ["DEFAULT_MODEL", "MARKER", "check_target", "export_bundle"]
+__all__ = ["DEFAULT_MODEL", "MARKER", "check_target", "config_modules", "export_bundle"]
 
 MARKER = ".vxm-lite-export.json"
 """Written into every exported folder (not into the zip): ``--overwrite True`` replaces only a folder holding it."""
@@ -33,9 +37,57 @@ _ROOT_CONFIGS = ("train.json", "inference.json")
 _DOCS_PATHS = {"bundle/configs/": "configs/", "bundle/models/": "models/", "bundle/docs/": "docs/"}
 
 
-def _copy_package(target: Path) -> None:
+_REFERENCE = re.compile(r"\bcustom(?:\.[A-Za-z_]\w*)*")
+
+
+def _module(package: Path, dotted: str) -> Optional[str]:
+    """The longest prefix of the dotted name ``dotted`` (``custom.refine.RefiningInferer``) that is a module of the
+    ``custom`` package at ``package``, or ``None``."""
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        path = package.joinpath(*parts[1:n])
+        if path.with_suffix(".py").is_file() or (path / "__init__.py").is_file():
+            return ".".join(parts[:n])
+    return None
+
+
+def _imports(package: Path, module: str) -> Set[str]:
+    """The ``custom`` modules ``module`` imports (anywhere in it, lazy imports included), with its parent
+    packages (importing ``custom.data.demo`` runs ``custom/data/__init__.py``)."""
+    parts = module.split(".")
+    path = package.joinpath(*parts[1:])
+    path = path / "__init__.py" if (path / "__init__.py").is_file() else path.with_suffix(".py")
+    names = {".".join(parts[:n]) for n in range(1, len(parts))}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "custom":
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+    return {found for name in names if name.split(".")[0] == "custom" and (found := _module(package, name))}
+
+
+def config_modules(configs: Path, package: Path) -> List[str]:
+    """The modules of the ``custom`` package at ``package`` that the bundle's configs reach: every ``custom.<...>``
+    name in a config (``_target_``, ``$`` expressions, ``imports``), and every module those import, transitively."""
+    names = {m for path in configs.glob("*.json") for m in _REFERENCE.findall(path.read_text())}
+    todo = {found for name in names if (found := _module(package, name))}
+    reached: Set[str] = set()
+    while todo:
+        module = todo.pop()
+        reached.add(module)
+        todo |= _imports(package, module) - reached
+    return sorted(reached)
+
+
+def _copy_package(configs: Path, target: Path) -> None:
+    """Copy the modules the configs reach (:func:`config_modules`), and nothing else, into ``target``."""
     package = Path(__file__).resolve().parent
-    shutil.copytree(package, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+    for module in config_modules(configs, package):
+        source = package.joinpath(*module.split(".")[1:])
+        source = source / "__init__.py" if (source / "__init__.py").is_file() else source.with_suffix(".py")
+        destination = target / source.relative_to(package)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, destination)
 
 
 def _write_configs(source: Path, target: Path) -> None:
@@ -153,7 +205,7 @@ def export_bundle(output_dir: Union[str, Path], overwrite: bool = False, archive
         _write_docs(bundle / "docs", staged / "docs")
         shutil.copy2(bundle / "LICENSE", staged / "LICENSE")
         _write_models(bundle, staged)
-        _copy_package(staged / "custom")
+        _copy_package(bundle / "configs", staged / "custom")
         zipped = Path(shutil.make_archive(str(Path(tmp) / out.name), "zip", tmp, out.name)) if archive else None
         (staged / MARKER).write_text(json.dumps({"command": "export-bundle", "version": __version__}) + "\n")
         if out.exists():

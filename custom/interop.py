@@ -9,6 +9,8 @@ image's RAS affine) and ``u_lps = (-u_ras_x, -u_ras_y, u_ras_z)``. This is what 
 -r fixed -t ddf.nii.gz`` and SimpleITK's ``DisplacementFieldTransform`` expect (no inversion).
 
 2-D fields (single-slice images) are the 3-D field of that one slice, with a zero component along the slice axis.
+Files that are 2-D themselves (two axes) are read by ITK as 2-D images in the world x-y plane: their field is a 2-D
+MetaImage (two components) and their affine an ``AffineTransform_double_2_2``, as ANTs writes for 2-D images.
 ITK reads a NIfTI field ``(X, Y, 1, 1, 3)`` as a 2-D image and keeps only the top-left 2x2 block of the direction
 matrix, which is singular for slices whose second axis points superior-inferior (the neurite-OASIS slices): so
 :func:`write_itk_field` writes single-slice fields as a MetaImage (``.mha``, ITK's own format) of the 3-D grid
@@ -55,13 +57,22 @@ DDF_FORMATS = ("itk", "voxel")
 _LPS = np.array([-1.0, -1.0, 1.0])
 
 
-def check_itk_affine(affine: np.ndarray, name: str = "the fixed image", atol: float = 1e-4) -> None:
-    """Refuse an affine that ITK cannot hold: ITK keeps origin, spacing and an orthonormal direction only.
+def check_itk_affine(
+    affine: np.ndarray, name: str = "the fixed image", atol: float = 1e-4, planar: bool = False
+) -> None:
+    """Refuse an affine that ITK cannot hold: ITK keeps origin, spacing and an orthonormal direction only; of a 2-D
+    file (``planar``) only the world x-y plane, so its two axes must lie in it.
 
     Raises:
-        ValueError: when the affine's columns are not orthogonal (shear) or it is singular.
+        ValueError: when the affine's columns are not orthogonal (shear), it is singular, or (``planar``) its axes
+            leave the x-y plane.
     """
     m = np.asarray(affine, dtype=np.float64)[:3, :3]
+    if planar and np.abs(m[2, :2]).max() > atol:
+        raise ValueError(
+            f"{name} is a 2-D image whose axes leave the world x-y plane ({np.round(m[:, :2], 4).tolist()}), and ITK "
+            "reads a 2-D file in that plane only; store it as a 3-D file with one slice, or use --ddf_format voxel."
+        )
     gram = m.T @ m
     spacing = np.sqrt(np.diag(gram))
     if np.any(spacing <= 0):
@@ -92,7 +103,7 @@ def _with_geometry(data: np.ndarray, reference: nib.Nifti1Image, header: nib.Nif
 
 def _lps_vectors(ddf: torch.Tensor, reference: nib.Nifti1Image) -> np.ndarray:
     """``(X, Y, Z, 3)`` float32 LPS millimetres of a voxel field on the grid of ``reference``."""
-    check_itk_affine(reference.affine)
+    check_itk_affine(reference.affine, planar=len(reference.shape) == 2)
     nd = ddf.shape[0]
     grid = tuple(int(n) for n in reference.shape[:3]) + (1,) * max(0, 3 - len(reference.shape))
     if tuple(ddf.shape[1:]) != grid[:nd] or any(n != 1 for n in grid[nd:]):
@@ -145,16 +156,20 @@ def field_suffix(spatial_dims: int, ddf_format: str) -> str:
     return ".mha" if ddf_format == "itk" and spatial_dims == 2 else ".nii.gz"
 
 
-def _write_metaimage(path: Path, vectors: np.ndarray, affine: np.ndarray) -> None:
-    """A zlib-compressed MetaImage of ``(X, Y, Z, C)`` float32 vectors on the grid of the RAS ``affine``."""
+def _write_metaimage(path: Path, vectors: np.ndarray, affine: np.ndarray, planar: bool = False) -> None:
+    """A zlib-compressed MetaImage of ``(X, Y, Z, C)`` float32 vectors on the grid of the RAS ``affine``; ``planar``:
+    a 2-D one ``(X, Y)`` of the first two components, in the world x-y plane (as ITK reads a 2-D file)."""
     m = np.asarray(affine, dtype=np.float64)[:3, :3]
     spacing = np.sqrt((m**2).sum(axis=0))
     direction = _LPS[:, None] * m / spacing  # ITK's LPS direction, one column per array axis
     origin = _LPS * np.asarray(affine, dtype=np.float64)[:3, 3]
+    nd = 2 if planar else 3
+    direction, origin, spacing = direction[:nd, :nd], origin[:nd], spacing[:nd]
+    vectors = vectors[:, :, :1, :2] if planar else vectors
     data = zlib.compress(np.ascontiguousarray(vectors.transpose(2, 1, 0, 3), dtype="<f4").tobytes())
     header = {
         "ObjectType": "Image",
-        "NDims": 3,
+        "NDims": nd,
         "Comment": SIGNATURE,
         "BinaryData": "True",
         "BinaryDataByteOrderMSB": "False",
@@ -163,7 +178,7 @@ def _write_metaimage(path: Path, vectors: np.ndarray, affine: np.ndarray) -> Non
         "TransformMatrix": " ".join(f"{v:.12g}" for v in direction.T.ravel()),
         "Offset": " ".join(f"{v:.12g}" for v in origin),
         "ElementSpacing": " ".join(f"{v:.12g}" for v in spacing),
-        "DimSize": " ".join(str(n) for n in vectors.shape[:3]),
+        "DimSize": " ".join(str(n) for n in vectors.shape[:nd]),
         "ElementNumberOfChannels": vectors.shape[3],
         "ElementType": "MET_FLOAT",
         "ElementDataFile": "LOCAL",
@@ -186,15 +201,16 @@ def write_field(ddf: torch.Tensor, reference: nib.Nifti1Image, path: Union[str, 
         raise ValueError(f"a {ddf.shape[0]}D {ddf_format} field goes in a {suffix} file, got {path.name!r}.")
     with atomic_path(path, suffix=suffix) as tmp:
         if suffix == ".mha":
-            _write_metaimage(tmp, _lps_vectors(ddf, reference), reference.affine)
+            _write_metaimage(tmp, _lps_vectors(ddf, reference), reference.affine, planar=len(reference.shape) == 2)
         else:
             image = ddf_to_itk(ddf, reference) if ddf_format == "itk" else ddf_to_voxel_image(ddf, reference)
             nib.save(image, str(tmp))
     return path
 
 
-def _read_metaimage(path: Path) -> Tuple[np.ndarray, np.ndarray]:
-    """The ``(X, Y, Z, C)`` vectors and RAS affine of a MetaImage as :func:`_write_metaimage` writes it."""
+def _read_metaimage(path: Path) -> Tuple[np.ndarray, np.ndarray, bool]:
+    """The ``(X, Y, Z, 3)`` vectors and RAS affine of a MetaImage as :func:`_write_metaimage` writes it, and whether
+    it is a 2-D one (then ``Z`` is 1, the third component 0, and the affine's third axis the world z axis)."""
     raw = path.read_bytes()
     header, offset = {}, 0
     while "ElementDataFile" not in header:
@@ -206,15 +222,21 @@ def _read_metaimage(path: Path) -> Tuple[np.ndarray, np.ndarray]:
         offset = end + 1
     if header.get("ElementDataFile") != "LOCAL" or header.get("ElementType") != "MET_FLOAT":
         raise ValueError(f"{str(path)!r}: expected a MetaImage with LOCAL float data, got {header}.")
-    shape = [int(n) for n in header["DimSize"].split()] + [int(header.get("ElementNumberOfChannels", 1))]
+    nd = int(header.get("NDims", 3))
+    shape = [int(n) for n in header["DimSize"].split()] + [1] * (3 - nd)
+    channels = int(header.get("ElementNumberOfChannels", 1))
     data = raw[offset:]
     data = zlib.decompress(data) if header.get("CompressedData") == "True" else data
-    vectors = np.frombuffer(data, dtype="<f4").reshape(shape[2::-1] + shape[3:]).transpose(2, 1, 0, 3)
-    direction = np.array([float(v) for v in header["TransformMatrix"].split()]).reshape(3, 3).T
+    vectors = np.frombuffer(data, dtype="<f4").reshape(shape[::-1] + [channels]).transpose(2, 1, 0, 3)
+    vectors = np.concatenate([vectors, np.zeros(vectors.shape[:3] + (3 - channels,), np.float32)], axis=3)
+    direction, spacing, origin = np.eye(3), np.ones(3), np.zeros(3)
+    direction[:nd, :nd] = np.array([float(v) for v in header["TransformMatrix"].split()]).reshape(nd, nd).T
+    spacing[:nd] = [float(v) for v in header["ElementSpacing"].split()]
+    origin[:nd] = [float(v) for v in header["Offset"].split()]
     affine = np.eye(4)
-    affine[:3, :3] = _LPS[:, None] * direction * np.array([float(v) for v in header["ElementSpacing"].split()])
-    affine[:3, 3] = _LPS * np.array([float(v) for v in header["Offset"].split()])
-    return vectors, affine
+    affine[:3, :3] = _LPS[:, None] * direction * spacing
+    affine[:3, 3] = _LPS * origin
+    return vectors, affine, nd == 2
 
 
 def read_field(path: Union[str, Path]) -> Tuple[torch.Tensor, np.ndarray, Tuple[int, ...]]:
@@ -225,7 +247,8 @@ def read_field(path: Union[str, Path]) -> Tuple[torch.Tensor, np.ndarray, Tuple[
 
     Returns:
         ``(ddf, affine, grid)``: the voxel field ``(spatial_dims, X, Y[, Z])`` (float32), the RAS affine of its
-        grid, and the grid's shape ``(X, Y, Z)`` (``Z`` is 1 for a single slice).
+        grid, and the grid's shape ``(X, Y, Z)`` (``Z`` is 1 for a single slice; ``(X, Y)`` for the 2-D MetaImage
+        field of a 2-D file, whose affine is then that of the world x-y plane).
 
     Raises:
         FileNotFoundError: for a missing file.
@@ -234,8 +257,9 @@ def read_field(path: Union[str, Path]) -> Tuple[torch.Tensor, np.ndarray, Tuple[
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"field file {str(path)!r} does not exist.")
+    planar = False
     if path.name.endswith(".mha"):
-        vectors, affine = _read_metaimage(path)
+        vectors, affine, planar = _read_metaimage(path)
         itk = True
     else:
         image = nib.load(str(path))
@@ -254,7 +278,7 @@ def read_field(path: Union[str, Path]) -> Tuple[torch.Tensor, np.ndarray, Tuple[
         vectors = np.einsum("ij,...j->...i", np.linalg.inv(m).astype(np.float32), vectors)
     nd = 2 if grid[2] == 1 else 3
     ddf = torch.from_numpy(np.ascontiguousarray(np.moveaxis(vectors[..., :nd], -1, 0)))
-    return ddf.reshape((nd,) + grid[:nd]).float(), np.asarray(affine, dtype=np.float64), grid
+    return ddf.reshape((nd,) + grid[:nd]).float(), np.asarray(affine, dtype=np.float64), grid[:2] if planar else grid
 
 
 APPLY_MODES = ("auto", "linear", "nearest")
@@ -341,7 +365,7 @@ def apply_field(
     shape = tuple(int(n) for n in moving.shape[:3]) + (1,) * max(0, 3 - len(moving.shape))
     nd = ddf.shape[0]
     if affine is None:
-        if shape != grid or not np.allclose(moving.affine, field_affine, atol=1e-4):
+        if grid_record(moving.shape[: len(grid)], moving.affine) != grid_record(grid, field_affine):
             raise ValueError(
                 f"{str(image)!r} is not on the field's grid (image {list(shape)}, field {list(grid)}, or another "
                 "affine); the field warps images on the grid of the pair it was computed for: resample the image onto "

@@ -7,7 +7,8 @@ bundle network and ANTs SyN through ``antspyx`` (``pip install -e ".[peers]"``).
 import importlib.util
 import os
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Dict, Union
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from custom.metrics import jacobian_determinant
 from custom.spatial import check_spatial_dims
 from custom.warp import SpatialTransformer
 
-__all__ = ["MonaiVoxelMorph", "ZeroField", "ants_available", "ants_register", "network_method"]
+__all__ = ["MonaiVoxelMorph", "ZeroField", "ants_available", "ants_register", "ants_register_files", "network_method"]
 
 
 class MonaiVoxelMorph(nn.Module):
@@ -68,6 +69,35 @@ def ants_register(moving: torch.Tensor, fixed: torch.Tensor, moving_label: torch
         if os.path.exists(path):
             os.remove(path)
     return torch.from_numpy(warped.numpy()).round().to(moving_label.dtype), jac, seconds
+
+
+def ants_register_files(
+    moving: str, fixed: str, moving_label: str, out_dir: Union[str, Path], transform: str = "SyN", seed: int = 0
+) -> Dict[str, Path]:
+    """ANTs registration of two image files, as a user runs it (``antspyx``; ``"SyN"``: its own affine stage, then
+    SyN): the moving label map warped onto the fixed grid and the Jacobian determinant of the deformable warp,
+    written into ``out_dir`` (ANTs' transform files are removed).
+
+    Returns:
+        ``{"label": warped label map, "det": determinant map}`` (NIfTI paths).
+    """
+    import ants
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fixed_image = ants.image_read(fixed)
+    moving_image = ants.image_read(moving)
+    reg = ants.registration(fixed_image, moving_image, type_of_transform=transform, random_seed=int(seed))
+    labels = ants.apply_transforms(
+        fixed_image, ants.image_read(moving_label), reg["fwdtransforms"], interpolator="genericLabel"
+    )
+    paths = {"label": out / "warped_label.nii.gz", "det": out / "jacobian.nii.gz"}
+    labels.to_file(str(paths["label"]))
+    ants.create_jacobian_determinant_image(fixed_image, reg["fwdtransforms"][0]).to_file(str(paths["det"]))
+    for path in set(reg["fwdtransforms"] + reg["invtransforms"]):
+        if os.path.exists(path):
+            os.remove(path)
+    return paths
 
 
 def network_method(net: nn.Module, inferer: Callable, device: torch.device) -> Callable:

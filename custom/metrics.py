@@ -170,6 +170,21 @@ def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected ddf of shape (B, spatial_dims, *spatial) with 2 or 3 dims, got {list(ddf.shape)}.")
     if min(ddf.shape[2:]) < 2:
         raise ValueError(f"every spatial size must be >= 2, got {list(ddf.shape[2:])}.")
+    size, step = ddf.shape[2], max(1, SLAB_VOXELS // ddf[0, 0, 0].numel())
+    if step >= size:
+        return _determinant(ddf, nd)
+    parts = []  # slabs along the first axis, each with a one-voxel halo for the central differences
+    for start in range(0, size, step):
+        low, high = max(0, start - 1), min(size, start + step + 1)
+        parts.append(_determinant(ddf[:, :, low:high], nd)[:, start - low : start - low + min(step, size - start)])
+    return torch.cat(parts, dim=1)
+
+
+SLAB_VOXELS = 2**21
+""":func:`jacobian_determinant` works on slabs of about this many voxels, so its temporaries stay small."""
+
+
+def _determinant(ddf: torch.Tensor, nd: int) -> torch.Tensor:
     # j[i][k] = d x'_i / d x_k = delta_ik + d ddf_i / d x_k
     grads = torch.gradient(ddf.float(), dim=list(range(2, 2 + nd)))
     j = [[grads[k][:, i] + (1.0 if i == k else 0.0) for k in range(nd)] for i in range(nd)]

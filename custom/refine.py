@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from monai.inferers import Inferer
 from torch import nn
 
-from custom.errors import check_integer, check_number
+from custom.affine import after_affine
+from custom.errors import as_bool, check_integer, check_number
 from custom.losses import GradLoss, LocalNCCLoss, MSELoss, check_similarity
 from custom.spatial import check_spatial_dims
 from custom.warp import SpatialTransformer, VelocityIntegration
@@ -293,6 +294,11 @@ class RefiningInferer(Inferer):
             :class:`RefineOptions` (``integration_steps > 0`` starts from a diffeomorphic network's own velocity,
             ``network.velocity``, otherwise from the network's displacement).
         progress: show a progress bar per pair.
+        deformable: False: no deformable stage, a zero field (``register --deformable False``: the affine stage
+            alone).
+        affine: run the affine stage first on pairs that share a grid (:func:`custom.affine.after_affine`, as
+            ``evaluate.json`` does; ``register`` runs it on the files' world coordinates instead) and return the
+            composed displacement.
 
     The options are checked on construction, when the bundle's config is parsed, before anything runs, so a bad
     option in a config or on the command line is one clear error line.
@@ -310,8 +316,11 @@ class RefiningInferer(Inferer):
         tolerance: float = 1e-3,
         patience: int = 5,
         progress: bool = False,
+        deformable: bool = True,
+        affine: bool = False,
     ) -> None:
         super().__init__()
+        self.deformable, self.affine = as_bool("deformable", deformable), as_bool("affine", affine)
         levels = tuple(levels) if isinstance(levels, (list, tuple)) else levels
         steps = tuple(steps) if isinstance(steps, (list, tuple)) else steps
         self.options = RefineOptions(
@@ -321,7 +330,7 @@ class RefiningInferer(Inferer):
         self.history: List[dict] = []
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
-        """Register each pair.
+        """Register each pair (after the affine stage when ``affine``).
 
         Args:
             inputs: ``(B, 2, H, W[, D])``; channel 0 moving, channel 1 fixed.
@@ -331,8 +340,18 @@ class RefiningInferer(Inferer):
             The displacement ``(B, spatial_dims, H, W[, D])`` in voxels; :attr:`history` holds the last pair's
             steps and loss per level.
         """
+        if self.affine:
+            return after_affine(
+                inputs, lambda pair: self._deformable(pair, network, *args, **kwargs), self.options.similarity
+            )
+        return self._deformable(inputs, network, *args, **kwargs)
+
+    def _deformable(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
+        """The deformable stage: the network's field, refined."""
         options = self.options.for_dims(inputs.dim() - 2)
         self.history = []
+        if not self.deformable:
+            return inputs.new_zeros(inputs.shape[0], inputs.dim() - 2, *inputs.shape[2:])
         if sum(options.steps) == 0:
             return network(inputs, *args, **kwargs)
         velocity = options.integration_steps > 0 and getattr(network, "integration_steps", 0) > 0

@@ -171,7 +171,9 @@ def run_or_exit(
 
     Args:
         evaluator: the engine, or a factory of it.
-        handlers: its handlers; those with ``validate(dataset)`` check their outputs (e.g. the output folder).
+        handlers: its handlers; those with ``validate(dataset)`` check their outputs (e.g. the output folder), those
+            with ``finish()`` conclude when nothing is left to run, and pairs in their ``failures`` make the exit
+            code 2 once the others are done.
         checkpoint: the model file the evaluator loads, checked first (:func:`check_checkpoint`).
     """
     with exit_on_user_error():
@@ -185,7 +187,17 @@ def run_or_exit(
         for handler in handlers or ():
             if hasattr(handler, "validate"):
                 handler.validate(dataset)
-        engine.run()
+        if len(dataset):
+            engine.run()
+        else:  # nothing left to do (all finished earlier): the handlers still conclude
+            for handler in handlers or ():
+                getattr(handler, "finish", lambda: None)()
+        failed = {name for handler in handlers or () for name in getattr(handler, "failures", {})}
+        if failed:
+            raise ValueError(
+                f"{len(failed)} pair(s) failed ({', '.join(sorted(failed)[:3])}{', ...' if len(failed) > 3 else ''}): "
+                "see the warnings above and pairs_out.csv; the others are written."
+            )
 
 
 def _options(argv: Sequence[str]) -> Dict[str, str]:

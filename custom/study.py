@@ -29,8 +29,9 @@ DEFAULT_SMOOTH_WEIGHT = {"lncc": 1.0, "mse": 0.01}  # VoxelMorph's recommended r
 
 def _summary(overrides: dict, eval_dir: Path, refine_steps: Optional[int]):
     """Evaluate the best checkpoint on the evaluation split with ``refine_steps`` of test-time refinement (``None``:
-    the default); the summary and the evaluation dataset."""
-    overrides = {**overrides, "eval_dir": str(eval_dir), "refine_steps": refine_steps}
+    the default) and no affine stage (the networks are compared, on pairs already aligned); the summary and the
+    evaluation dataset."""
+    overrides = {**overrides, "eval_dir": str(eval_dir), "refine_steps": refine_steps, "affine": False}
     workflow = bundle_workflow(["train.json", "evaluate.json"], "evaluating", overrides)
     workflow.initialize()
     workflow.run()

@@ -86,6 +86,26 @@ def test_known_affines_are_recovered(nd, fixed_grid, moving_grid, shape_f, shape
     assert np.allclose(sorted(scales), sorted(np.linalg.svd(truth[:nd, :nd], compute_uv=False)), atol=0.07)
 
 
+@pytest.mark.parametrize("nd,shape", [(2, (64, 64)), (3, (40, 40, 40))])  # an evaluation split's slices, volumes
+def test_pairs_on_one_grid_are_registered_after_the_affine_stage(nd, shape):
+    """evaluate.json's inferer: the affine stage on voxel coordinates, then the deformable stage, composed into one
+    displacement that pulls the moving image onto the fixed one (inside an evaluator's no_grad)."""
+    from custom.refine import RefiningInferer
+
+    grid = np.eye(nd + 1)
+    grid[:nd, :nd] *= 1.5
+    grid[:nd, nd] = -0.75 * (np.array(shape) - 1)  # 1.5 mm voxels around the blobs
+    fixed = _image(grid, shape, np.eye(nd + 1))
+    moving = _image(grid, shape, np.linalg.inv(_known(nd)))
+    zero = torch.nn.Module()
+    zero.forward = lambda x: x.new_zeros(x.shape[0], nd, *x.shape[2:])  # a network predicting nothing
+    with torch.no_grad():
+        ddf = RefiningInferer(0, affine=True)(torch.cat([moving, fixed], 1), zero)
+        warped = sample_at(moving, grid_coordinates(torch.eye(nd + 1), shape, ddf))
+    before, after = (float((image - fixed).abs().mean() / fixed.abs().mean()) for image in (moving, warped))
+    assert ddf.shape == (1, nd, *shape) and after < 0.25 * before, (before, after)
+
+
 @pytest.mark.parametrize(
     "linear,message",
     [
@@ -116,6 +136,13 @@ def test_itk_file_is_what_simpleitk_reads(tmp_path):
     frame = plane_frame(np.array([[0.0, 0.0, 1.2, 5.0], [-1.0, 0.0, 0.0, 3.0], [0.0, 0.9, 0.0, -7.0], [0, 0, 0, 1]]))
     plane = write_itk_affine(tmp_path / "b.txt", world_transform(_known(2), frame))  # a slice across world axes
     assert np.allclose(plane_transform(read_itk_affine(plane), frame), _known(2), atol=1e-12)
+    flat = world_transform(_known(2), plane_frame(np.diag([1.0, 1.2, 1.0, 1.0])))  # a 2-D file's, in the x-y plane
+    planar = sitk.ReadTransform(str(write_itk_affine(tmp_path / "c.txt", flat, planar=True)))
+    assert planar.GetDimension() == 2 and np.allclose(read_itk_affine(tmp_path / "c.txt"), flat, atol=1e-12)
+    expected = (flat @ np.array([10.0, -20.0, 0.0, 1.0]))[:2] * flip[:2]
+    assert np.allclose(planar.TransformPoint((-10.0, 20.0)), expected, atol=1e-9)
+    with pytest.raises(ValueError, match="a 2-D transform acts in the world x-y plane"):
+        write_itk_affine(tmp_path / "d.txt", truth, planar=True)
 
 
 @pytest.mark.parametrize(
@@ -124,6 +151,8 @@ def test_itk_file_is_what_simpleitk_reads(tmp_path):
         ("#Insight Transform File V1.0\nTransform: Euler3DTransform_double_3_3\n", "is not an ITK AffineTransform"),
         ("Transform: AffineTransform_double_3_3\nParameters: 1 0 0\n", "does not hold the 12 parameters"),
         ("Transform: AffineTransform_double_3_3\nParameters: " + "nan " * 12 + "\n", "does not hold the 12"),
+        ("Transform: AffineTransform_double_2_2\nParameters: 1 0 0 1\n", "does not hold the 6 parameters of a 2D"),
+        ("Transform: AffineTransform_double_4_4\nParameters: 1\n", r"not an ITK AffineTransform_double_3_3 \(or _2_2"),
     ],
 )  # files that are not our transform
 def test_bad_transform_files(tmp_path, text, message):
@@ -210,3 +239,42 @@ def test_native_scan_registered_and_applied_by_itk_and_ants(tmp_path):
     proc = subprocess.run(applied, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert np.array_equal(np.asarray(nib.load(str(tmp_path / "applied.nii.gz")).dataobj), label)  # register's own
+
+
+def _planar_nifti(path, data: torch.Tensor, affine_2d: np.ndarray, z_mm: float = 5.0):
+    """A 2-D NIfTI file (two axes) of ``data`` ``(1, 1, X, Y)`` on the in-plane grid ``affine_2d`` (3x3), at height
+    ``z_mm`` (which ITK drops for 2-D files)."""
+    affine = np.eye(4)
+    affine[:2, :2], affine[:2, 3], affine[2, 3] = affine_2d[:2, :2], affine_2d[:2, 2], z_mm
+    nib.save(nib.Nifti1Image(data[0, 0].numpy().astype(np.float32), affine), str(path))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_2d_files_are_registered_and_applied_by_simpleitk(tmp_path):
+    """Two 2-D NIfTI files (two axes; the moving one on a rotated, anisotropic grid with another field of view): the
+    field is a 2-D MetaImage and the affine an AffineTransform_double_2_2, which SimpleITK composes into register's
+    own warped image; apply with the pair's affine gives it too. (The moving image is blank along its edges, where
+    ITK and we sample outside the image differently.)"""
+    sitk = pytest.importorskip("SimpleITK")
+    fixed_grid, moving_grid = _grid(2, (1.0, 1.0), 0, (-32, -32)), _grid(2, (1.2, 0.9), 15, (-30, -28))
+    fixed = _planar_nifti(tmp_path / "fixed.nii.gz", _image(fixed_grid, (64, 64), np.eye(3)), fixed_grid)
+    moving_image = _image(moving_grid, (56, 72), np.linalg.inv(_known(2)))
+    moving_image[..., :2, :], moving_image[..., -2:, :], moving_image[..., :2], moving_image[..., -2:] = 0, 0, 0, 0
+    moving = _planar_nifti(tmp_path / "moving.nii.gz", moving_image, moving_grid, z_mm=-3.0)
+    cmd = [sys.executable, "-m", "custom", "register", "--moving", moving, "--fixed", fixed, "--refine_steps", "5"]
+    proc = subprocess.run(cmd + ["--output_dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name = tmp_path / "out" / "moving__to__fixed"
+    assert "Transform: AffineTransform_double_2_2" in Path(f"{name}_affine.txt").read_text()
+    ours = nib.load(f"{name}_warped.nii.gz").get_fdata()
+    composite = sitk.CompositeTransform(2)
+    composite.AddTransform(sitk.ReadTransform(f"{name}_affine.txt"))  # applied last
+    composite.AddTransform(sitk.DisplacementFieldTransform(sitk.ReadImage(f"{name}_ddf.mha", sitk.sitkVectorFloat64)))
+    reference, image = sitk.ReadImage(fixed), sitk.ReadImage(moving, sitk.sitkFloat32)
+    assert reference.GetDimension() == 2 and ours.shape == (64, 64)
+    theirs = sitk.GetArrayFromImage(sitk.Resample(image, reference, composite, sitk.sitkLinear, 0.0)).T
+    assert np.abs(theirs - ours).max() <= 1e-3 * (ours.max() - ours.min())
+    assert np.corrcoef(ours.ravel(), nib.load(fixed).get_fdata().ravel())[0, 1] > 0.8  # registered
+    applied = apply_field(moving, f"{name}_ddf.mha", tmp_path / "applied.nii.gz", affine=f"{name}_affine.txt")
+    assert np.allclose(nib.load(applied[0]).get_fdata(), ours, atol=1e-5)

@@ -74,6 +74,8 @@ def test_readme_commands_match_ci():
 
 def test_documented_commands_end_to_end(tmp_path):
     ws = workspace(tmp_path / "ws")
+    slices = [f"data/demo/OASIS_OAS1_000{i}_MR1/slice_norm.nii.gz" for i in (1, 2, 3, 4)]
+    (ws / "cohort.csv").write_text("moving,fixed\n" + "".join(f"{m},{slices[0]}\n" for m in slices[1:]))
     main_job = documented_commands(REPO / "README.md")[0].split(" && ")[-1]
     commands = [main_job] + documented_commands(REPO / "bundle" / "docs" / "README.md")
     assert any("torchrun" in c for c in commands) and any("ckpt_export" in c for c in commands)
@@ -97,6 +99,8 @@ def test_documented_commands_end_to_end(tmp_path):
     name = "OASIS_OAS1_0002_MR1_slice_norm__to__OASIS_OAS1_0001_MR1_slice_norm"
     suffixes = ["_affine.txt", "_ddf.mha", "_warped.nii.gz", "_warped_label.nii.gz"]
     assert written == [name + suffix for suffix in suffixes] + ["pairs_out.csv"]
+    with open(ws / "runs" / "cohort" / "pairs_out.csv", newline="") as f:
+        assert [row["status"] for row in csv.DictReader(f)] == ["registered"] * 3  # the documented cohort, 2 ranks
     # the scripted export gives the checkpoint's output
     net = RegistrationNet(2, "both").eval()
     net.load_state_dict(torch.load(models / "model.pt", weights_only=True))
@@ -280,9 +284,9 @@ BAD_INPUTS = [
     ),  # not NIfTI
     (
         "inference",
-        ["--pairs", "pairs_nan.csv"],
+        ["--pairs", "pairs_nan.csv", "--stop_on_error", "True"],
         "nan.nii.gz' contains NaN",
-    ),  # NaN in the second pair: first not written
+    ),  # NaN in the second pair, stop on error: first not written (without it the others go on: test_cohort)
     ("inference", ["--pairs", "pairs_empty.csv"], "line 3: empty fixed cell"),  # empty CSV cell
     ("inference", ["--pairs", "pairs_header.csv"], "needs a header with columns moving,fixed"),  # wrong header
     ("inference", ["--pairs", "nothing.csv"], "pairs CSV 'nothing.csv' does not exist"),  # missing CSV
@@ -331,7 +335,7 @@ BAD_INPUTS = [
         ["--moving", "rotated.nii.gz", "--fixed", f"{S1}/slice_norm.nii.gz", "--affine", "no"],
         "is not on the grid of fixed",
     ),  # CLI
-    ("register", ["--pairs", "pairs_nan.csv"], "contains NaN"),  # CLI, second pair
+    ("register", ["--pairs", "pairs_nan.csv", "--stop_on_error", "yes"], "contains NaN"),  # CLI, second pair
     ("inference", PAIR + ["--refine_step", "0"], "unknown option --refine_step: .*did you mean --refine_steps"),  # typo
     ("register", PAIR + ["--refine_step", "0"], "unknown option --refine_step; did you mean '--refine_steps'"),  # typo
     ("train", ["--epoch", "2"], "did you mean --epochs"),  # a typo through monai.bundle is not a new key

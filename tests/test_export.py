@@ -3,6 +3,7 @@ holds only the packages ``metadata.json`` lists (as the zoo's CI installs them),
 
 import json
 import os
+import re
 import subprocess
 import textwrap
 import venv
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from custom.export import MARKER, export_bundle
+from custom.export import MARKER, config_modules, export_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -131,6 +132,35 @@ def test_export_writes_a_marked_bundle_and_replaces_it_only_when_told(tmp_path):
     assert json.loads((target / "configs" / "inference.json").read_text())["bundle_root"] == "."
     assert "bundle/configs/" not in (target / "docs" / "README.md").read_text()
     assert not list(target.rglob("__pycache__"))
+    exported = {str(p.relative_to(target / "custom")) for p in (target / "custom").rglob("*.py")}
+    assert {"networks.py", "warp.py", "losses.py", "refine.py", "affine.py", "workflow.py", "data/pairs.py"} <= exported
+    tools = {"cli.py", "__main__.py", "study.py", "benchmark.py", "scale.py", "accuracy.py", "pretrain.py", "export.py"}
+    assert not tools & exported  # only what the configs reach
+    lines = sum(len(p.read_text().splitlines()) for p in (target / "custom").rglob("*.py"))
+    stated = re.search(r"(\d+) modules, about ([\d,]+) lines", (REPO / "bundle" / "docs" / "README.md").read_text())
+    assert stated and int(stated.group(1)) == len(exported), (stated, len(exported))
+    assert abs(int(stated.group(2).replace(",", "")) - lines) <= 0.05 * lines, lines  # the docs state its size
+
+
+def test_config_modules_follow_the_imports(tmp_path):
+    """Every custom.<...> name of a config (targets, expressions, imports) and, transitively, what those import."""
+    package = tmp_path / "custom"
+    (package / "data").mkdir(parents=True)
+    files = {
+        "__init__.py": "from custom.core import f\n",
+        "core.py": "",
+        "glue.py": "import os\nfrom custom.data import loader\n\ndef g():\n    from custom.core import f\n",
+        "data/__init__.py": "",
+        "data/loader.py": "",
+        "tool.py": "from custom.glue import g\n",  # imports what the configs reach, reached by none
+    }
+    for name, text in files.items():
+        (package / name).write_text(text)
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "a.json").write_text(json.dumps({"x": {"_target_": "custom.glue.G"}, "imports": ["$import custom"]}))
+    expected = ["custom", "custom.core", "custom.data", "custom.data.loader", "custom.glue"]
+    assert config_modules(configs, package) == expected
 
 
 def test_exported_bundle_passes_the_zoo_checks_in_a_clean_environment(tmp_path):

@@ -1,4 +1,4 @@
-"""Listing and checking a user's pairs: the memory bound, what is not an image, CSV mistakes (the bad-input tables of
+"""Listing and checking a user's pairs: what is not an image, CSV mistakes (the bad-input tables of
 test_bundle and test_cli run the same cases end to end)."""
 
 from pathlib import Path
@@ -7,24 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from custom.inference import BASE_GIB, BYTES_PER_VOXEL, LABEL_NAME, RegistrationPairs, estimate_memory_gib, list_pairs
-
-
-@pytest.mark.parametrize(
-    "shape,low,high",
-    [
-        ((160, 192), 0.6, 0.61),  # a 2D slice: the fixed cost only
-        ((160, 192, 224), 1.9, 2.1),  # a neurite-OASIS volume: about 2 GiB
-        ((320, 320, 352), 7.5, 8.0),  # the largest volume of the documented 8 GiB
-    ],
-)
-def test_memory_estimate(shape, low, high):
-    assert low <= estimate_memory_gib(shape) <= high
-
-
-def test_the_documented_8_gib_bound():
-    voxels = (8 - BASE_GIB) * 2**30 / BYTES_PER_VOXEL
-    assert 35e6 < voxels < 37e6  # "with 8 GiB a pair of up to about 36 million voxels fits"
+from custom.inference import LABEL_NAME, RegistrationPairs, list_pairs
 
 
 @pytest.mark.parametrize("value", [0, -1.0, "8"])
@@ -36,6 +19,12 @@ def test_bad_memory_limit(value):
 def _save(path, array, dtype=np.float32, affine=None):
     nib.save(nib.Nifti1Image(np.asarray(array, dtype=dtype), np.eye(4) if affine is None else affine), str(path))
     return str(path)
+
+
+def _translation(x_mm):
+    affine = np.eye(4)
+    affine[0, 3] = x_mm
+    return affine
 
 
 @pytest.fixture
@@ -55,6 +44,7 @@ def images(tmp_path):
         "empty": _save(tmp_path / "empty.nii.gz", nearly_empty),
         "small": _save(tmp_path / "small.nii.gz", rng.random((8, 8, 1))),
         "volume": _save(tmp_path / "volume.nii.gz", rng.random((20, 20, 20))),
+        "far": _save(tmp_path / "far_norm.nii.gz", brain, affine=_translation(1000.0)),  # 1 m away in the world
     }
 
 
@@ -67,8 +57,13 @@ def images(tmp_path):
         ("empty", "image", r"is nearly empty: 0\.\d+% of its voxels"),  # one voxel
         ("small", "image", "8x8 grid: too small to register"),  # smaller than the network's coarsest grid
         ("image", "volume", "is a 2-D image but fixed .* is 3-D; give a moving and a fixed image of one"),  # 2D/3D
+        (
+            "far",
+            "image",
+            r"world mm \[999\.5, 1031\.5\].*do not overlap at all.*drop --affine False",
+        ),  # resampled to nothing
     ],
-)  # each refused before any work, naming the file and the cause
+)  # each refused before any work, naming the file and the cause (resampling by world coordinates, no affine stage)
 def test_what_is_not_a_registrable_image_is_refused(images, moving, fixed, message):
     dims = 3 if fixed == "volume" else 2
     pairs = RegistrationPairs(lambda: list_pairs(images[moving], images[fixed]), dims, resample=True)

@@ -34,14 +34,24 @@ LAYERS = {
         "custom.plots",
         "custom.refine",
     ],
-    "glue": ["custom.inference", "custom.one_line_errors", "custom.outputs", "custom.runner", "custom.workflow"],
+    "glue": [
+        "custom.cohort",
+        "custom.inference",
+        "custom.input_checks",
+        "custom.one_line_errors",
+        "custom.outputs",
+        "custom.pretrained",
+        "custom.runner",
+        "custom.workflow",
+    ],
     "tools": [
         "custom.accuracy",
         "custom.accuracy_3d",
         "custom.accuracy_report",
+        "custom.accuracy_subjects",
         "custom.benchmark",
         "custom.export",
-        "custom.pretrained",
+        "custom.pretrain",
         "custom.scale",
         "custom.study",
     ],
@@ -130,3 +140,38 @@ def test_no_import_circles():
     """No two modules import each other, directly or through others (lazy imports included)."""
     graph = {module_name(p): set(imported(p)) - {module_name(p)} for p in FILES}
     assert find_circle(graph) == []
+
+
+MAX_BODY = 80
+"""Lines of a class or function body at most, its docstring not counted (issue 28: classes a reviewer reads whole)."""
+
+
+def long_bodies(source: str, limit: int = MAX_BODY):
+    """``(name, lines)`` of every class or function of ``source`` whose body, after its docstring, is longer than
+    ``limit`` lines."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            documented = isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and len(body) > 1
+            lines = node.end_lineno - (body[1] if documented else body[0]).lineno + 1
+            if lines > limit:
+                found.append((node.name, lines))
+    return found
+
+
+@pytest.mark.parametrize(
+    "source,expected",
+    [
+        ("def f():\n    '''Doc.\n\n    More.\n    '''\n" + "    x = 1\n" * 80, []),  # 80 lines after the docstring
+        ("def f():\n" + "    x = 1\n" * 81, [("f", 81)]),  # one too many
+        ("class A:\n    '''Doc.'''\n\n" + "    x = 1\n" * 81, [("A", 81)]),  # a class: from its first statement
+    ],
+)
+def test_long_bodies_are_found(source, expected):
+    assert long_bodies(source) == expected
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: module_name(p))
+def test_no_class_or_function_body_is_over_80_lines(path):
+    assert not long_bodies(path.read_text()), f"{module_name(path)}: split {long_bodies(path.read_text())}"

@@ -75,8 +75,17 @@ def slow_jacobian_determinant(ddf):
     return torch.linalg.det(jac.movedim(1, -1).movedim(1, -1))
 
 
-@pytest.mark.parametrize("shape", [(2, 2, 9, 11), (1, 3, 6, 7, 8)])
-def test_jacobian_closed_form_equals_reference(shape):
+@pytest.mark.parametrize(
+    "shape,slab_voxels",
+    [
+        ((2, 2, 9, 11), 2**21),  # 2D, whole
+        ((1, 3, 6, 7, 8), 2**21),  # 3D, whole
+        ((1, 3, 9, 7, 8), 100),  # 3D in slabs of 1 to 2 planes (the last one alone)
+        ((2, 2, 10, 11), 30),  # 2D in slabs of 2 rows
+    ],
+)
+def test_jacobian_closed_form_equals_reference(shape, slab_voxels, monkeypatch):
+    monkeypatch.setattr("custom.metrics.SLAB_VOXELS", slab_voxels)
     ddf = 1.5 * torch.randn(shape)  # rough enough to fold in places
     det = jacobian_determinant(ddf)
     assert det.dtype == torch.float32

@@ -12,7 +12,8 @@ import torch
 
 from custom import LocalNCCLoss, RegistrationNet
 from custom.data import SyntheticPairs, build_pair_dataset, make_demo
-from custom.pretrained import load_pretrained, pretrain, pretrained_path, read_manifest, sha256
+from custom.pretrain import pretrain
+from custom.pretrained import load_pretrained, pretrained_path, read_manifest, sha256
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"

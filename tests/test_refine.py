@@ -158,6 +158,13 @@ def test_inferer_without_steps_is_the_network():
         torch.testing.assert_close(RefiningInferer(0)(x, net), net(x))
 
 
+@pytest.mark.parametrize("shape", [(2, 2, 32, 40), (1, 2, 16, 16, 20)])  # 2D batch, 3D
+def test_inferer_without_the_deformable_stage_gives_a_zero_field(shape):
+    net = ShiftNet(torch.ones(1, len(shape) - 2, *shape[2:]))
+    ddf = RefiningInferer(deformable="false")(torch.rand(shape), net)  # the affine stage alone (register's option)
+    assert ddf.shape == (shape[0], len(shape) - 2, *shape[2:]) and not ddf.any()
+
+
 def test_deprecated_inferer_name_still_works():
     with pytest.warns(DeprecationWarning, match="use custom.refine.RefiningInferer"):
         inferer = RegistrationInferer(steps=0)

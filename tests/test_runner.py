@@ -37,7 +37,7 @@ REFUSED = [
 ]
 CONFIGS = {
     name: str(REPO / "bundle" / "configs" / name)
-    for name in ("train.json", "inference.json", "evaluate.json", "multi_gpu_train.json")
+    for name in ("train.json", "inference.json", "evaluate.json", "multi_gpu_train.json", "multi_gpu_inference.json")
 }
 BOOLEAN_KEYS = [
     (name, key)
@@ -64,8 +64,10 @@ def test_every_boolean_key_is_checked():
         "pretrained",
         "resample",
         "affine",
+        "deformable",
         "jacobian",
         "overwrite",
+        "stop_on_error",
     }
 
 

@@ -22,7 +22,15 @@ from custom.data.transforms import scale_foreground
 from custom.spatial import check_spatial_dims
 from custom.warp import SpatialTransformer, VelocityIntegration
 
-__all__ = ["SYNTH_SHAPES", "SyntheticPairs", "known_deformation_pairs", "random_ddf", "smooth_noise"]
+__all__ = [
+    "SYNTH_SHAPES",
+    "SyntheticPairs",
+    "intensity_augmentation",
+    "known_deformation_pairs",
+    "random_ddf",
+    "shapes_label_map",
+    "smooth_noise",
+]
 
 SYNTH_SHAPES = {2: (160, 192), 3: (96, 112, 128)}
 
@@ -136,6 +144,28 @@ def known_deformation_pairs(
     return pairs
 
 
+def shapes_label_map(gen: torch.Generator, num_labels: int, shape: Sequence[int]) -> torch.Tensor:
+    """A random "shapes" label map ``(1, 1, *shape)``: ``num_labels`` smooth random regions in a head-like mask."""
+    cells = int(torch.randint(6, 24, (1,), generator=gen))
+    labels = smooth_noise(gen, num_labels, shape, cells).argmax(1, keepdim=True) + 1
+    axes = [torch.linspace(-1, 1, n) for n in shape]
+    radius = torch.sqrt(sum(g**2 for g in torch.meshgrid(*axes, indexing="ij")))[None, None]
+    outside = radius + 0.1 * smooth_noise(gen, 1, shape, 5) > 0.85
+    return labels.masked_fill(outside, 0).int()
+
+
+def intensity_augmentation() -> Compose:
+    """The synthetic images' appearance: blur, bias field, gamma and noise (MONAI transforms)."""
+    return Compose(
+        [
+            RandGaussianSmooth((0.3, 1.2), (0.3, 1.2), (0.3, 1.2), prob=1.0),
+            RandBiasField(degree=3, coeff_range=(0.0, 0.3), prob=1.0),
+            RandAdjustContrast(prob=1.0, gamma=(0.7, 1.5)),
+            RandGaussianNoise(prob=1.0, std=0.03),
+        ]
+    )
+
+
 class SyntheticPairs(torch.utils.data.Dataset):
     """A dataset of synthetic (moving, fixed) pairs with their label maps, re-drawn every epoch or fixed.
 
@@ -186,14 +216,7 @@ class SyntheticPairs(torch.utils.data.Dataset):
         ]
         self.warp_labels = SpatialTransformer("nearest")
         self.integrate = VelocityIntegration(5)
-        self.intensity = Compose(
-            [
-                RandGaussianSmooth((0.3, 1.2), (0.3, 1.2), (0.3, 1.2), prob=1.0),
-                RandBiasField(degree=3, coeff_range=(0.0, 0.3), prob=1.0),
-                RandAdjustContrast(prob=1.0, gamma=(0.7, 1.5)),
-                RandGaussianNoise(prob=1.0, std=0.03),
-            ]
-        )
+        self.intensity = intensity_augmentation()
 
     def set_epoch(self, epoch: int) -> None:
         """New random pairs for ``epoch`` (only when ``redraw``)."""
@@ -207,12 +230,7 @@ class SyntheticPairs(torch.utils.data.Dataset):
         """A base label map ``(1, 1, *shape)``: "shapes" in a head-like mask, or a given label map."""
         if self.label_maps and torch.rand(1, generator=gen) < 0.5:
             return self.label_maps[int(torch.randint(len(self.label_maps), (1,), generator=gen))][None]
-        cells = int(torch.randint(6, 24, (1,), generator=gen))
-        labels = smooth_noise(gen, self.num_labels, self.shape, cells).argmax(1, keepdim=True) + 1
-        axes = [torch.linspace(-1, 1, n) for n in self.shape]
-        radius = torch.sqrt(sum(g**2 for g in torch.meshgrid(*axes, indexing="ij")))[None, None]
-        outside = radius + 0.1 * smooth_noise(gen, 1, self.shape, 5) > 0.85
-        return labels.masked_fill(outside, 0).int()
+        return shapes_label_map(gen, self.num_labels, self.shape)
 
     def _deform(self, gen: torch.Generator, labels: torch.Tensor) -> torch.Tensor:
         """``labels`` warped by a random smooth diffeomorphism (:func:`random_ddf`)."""

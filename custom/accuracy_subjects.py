@@ -1,0 +1,191 @@
+"""3D registration of real, different subjects from their files, each tool run whole, as a user runs it.
+
+Part of ``python -m custom accuracy --spatial_dims 3`` (:mod:`custom.accuracy_3d`). Pairs of different subjects of
+a neurite-OASIS-style folder (``--subject_pairs``, disjoint where the subjects allow: 1 -> 2, 3 -> 4, ...), each
+moving scan registered to the next subject's ``aligned_norm``, in two sections:
+
+- ``aligned -> aligned``: the moving ``aligned_norm`` (both scans in the release's common space);
+- ``native -> aligned``: the moving ``norm``, the scan in its own (native) space: its own grid, orientation and
+  field of view, as users have their scans.
+
+Rows: no registration (the moving labels resampled by world coordinates), our affine stage alone
+(``register --deformable False``), the network alone after it (``register --refine_steps 0``), ``register``'s
+defaults, and ANTs SyN (``antspyx`` defaults: its own affine stage, then SyN) when it is installed. Every
+registration runs in a fresh process from the files: CPU seconds are the whole process's (imports, reading and
+writing included), wall seconds from its start to its end, and its peak resident memory (RSS). The warped label
+map each tool wrote (``<label>`` of the moving subject: ``seg35``, ``aligned_seg35``) is scored against the fixed
+subject's ``aligned_<label>`` with the Jacobian determinant of the tool's deformable transform.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from custom.accuracy_report import aggregate, pair_row
+from custom.affine import grid_coordinates, voxel_map
+from custom.methods import ants_available
+from custom.warp import sample_at
+
+__all__ = ["SECTIONS", "find_subject_pairs", "run_subject_pairs"]
+
+SECTIONS = {"aligned -> aligned": ("aligned_norm", "aligned_{}"), "native -> aligned": ("norm", "{}")}
+"""Each section's moving image and label file (``{}``: the label, e.g. ``seg35``); the fixed ones are always
+``aligned_norm`` and ``aligned_<label>``."""
+LABELS = ("seg35", "seg4")
+"""``label="auto"``: the finest of these that both subjects of every pair have."""
+OURS = {
+    "ours, affine stage alone": ["--deformable", "False"],
+    "ours, network alone (after the affine stage)": ["--refine_steps", "0"],
+    "ours, register defaults": [],
+}
+"""Our rows: ``python -m custom register`` with these options (and ``--jacobian True``)."""
+
+
+def _files(folder: Path, label: str) -> Dict[str, Path]:
+    names = {"aligned_norm": "aligned_norm", "aligned_label": f"aligned_{label}", "norm": "norm", "label": label}
+    return {key: folder / f"{name}.nii.gz" for key, name in names.items()}
+
+
+def find_subject_pairs(root: str, count: int, label: str = "auto") -> Dict[str, List[dict]]:
+    """The pairs of each section (:data:`SECTIONS`) that ``root``'s subjects allow.
+
+    Args:
+        root: a neurite-OASIS-style folder.
+        count: pairs per section at most: subject ``2i`` to subject ``2i + 1`` of the sorted subjects (then
+            ``2i + 1`` to ``2i + 2``, ... when there are too few for disjoint pairs).
+        label: the label map's name without ``aligned_`` (``seg35``), or ``"auto"`` (:data:`LABELS`).
+
+    Returns:
+        Section name -> pairs with ``moving``, ``moving_label``, ``fixed``, ``fixed_label`` (paths) and
+        ``moving_id``, ``fixed_id``; a section without any pair is left out.
+    """
+    folders = sorted(p for p in Path(root).iterdir() if p.is_dir())
+    for name in LABELS if label == "auto" else (label,):
+        subjects = [f for f in folders if all(_files(f, name)[k].is_file() for k in ("aligned_norm", "aligned_label"))]
+        if len(subjects) >= 2:
+            break
+    else:
+        return {}
+    n = len(subjects)
+    order = [(2 * i % n, (2 * i + 1) % n) for i in range(n // 2)] + [(i, (i + 1) % n) for i in range(1, n, 2)]
+    sections: Dict[str, List[dict]] = {}
+    for section, (image, moving_label) in SECTIONS.items():
+        pairs = []
+        for m, f in order:
+            moving = subjects[m] / f"{image}.nii.gz"
+            labels = subjects[m] / f"{moving_label.format(name)}.nii.gz"
+            if len(pairs) < count and moving.is_file() and labels.is_file():
+                fixed = _files(subjects[f], name)
+                pairs.append(
+                    {
+                        "moving": str(moving),
+                        "moving_label": str(labels),
+                        "fixed": str(fixed["aligned_norm"]),
+                        "fixed_label": str(fixed["aligned_label"]),
+                        "moving_id": subjects[m].name,
+                        "fixed_id": subjects[f].name,
+                    }
+                )
+        if pairs:
+            sections[section] = pairs
+    return sections
+
+
+def _command(kind: str, options: List[str], pair: dict, out: Path) -> List[str]:
+    """The command line of one registration, writing into ``out``."""
+    if kind == "ants":
+        run = "import sys; from custom.methods import ants_register_files as run; run(*sys.argv[1:])"
+        return [sys.executable, "-c", run, pair["moving"], pair["fixed"], pair["moving_label"], str(out), *options]
+    args = ["--moving", pair["moving"], "--fixed", pair["fixed"], "--moving_label", pair["moving_label"]]
+    return [sys.executable, "-m", "custom", "register", *args, "--output_dir", str(out), "--jacobian", "True", *options]
+
+
+def _run(kind: str, options: List[str], pair: dict, item: dict, work: Path, threads: int) -> dict:
+    """One registration of ``pair`` (``item``: its :func:`_labels`) as a process of its own: the pair's row, with
+    the process's CPU seconds (every thread), wall seconds and peak RSS."""
+    out = Path(tempfile.mkdtemp(dir=work))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads)}
+    start = time.perf_counter()
+    with open(out / "log.txt", "w") as log:
+        process = subprocess.Popen(_command(kind, options, pair, out), stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if process.returncode != 0:
+        tail = (out / "log.txt").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"the {kind} registration of {pair['moving']} failed (exit {process.returncode}):\n{tail}")
+    found = {
+        key: sorted(out.glob(f"*{suffix}"))
+        for key, suffix in (("label", "warped_label.nii.gz"), ("det", "jacobian.nii.gz"))
+    }
+    warped, det = (_load(str(found[key][0])) for key in ("label", "det"))
+    shutil.rmtree(out)
+    timing = {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_gib": usage.ru_maxrss / 2**20}
+    return pair_row(item, warped.round().long(), det, **timing)
+
+
+def _load(path: str) -> torch.Tensor:
+    """A volume (the first three axes of the file) as float32."""
+    image = nib.load(path)
+    return torch.from_numpy(np.asarray(image.dataobj, dtype=np.float32).reshape(image.shape[:3]))
+
+
+def _labels(pair: dict) -> dict:
+    """The pair as :func:`~custom.accuracy_report.pair_row` takes it, the fixed labels read; the moving labels
+    resampled by world coordinates onto the fixed grid (nearest): the row of no registration."""
+    moving, fixed = nib.load(pair["moving_label"]), nib.load(pair["fixed_label"])
+    matrix = torch.as_tensor(voxel_map(np.eye(4), moving.affine, fixed.affine))
+    labels = _load(pair["moving_label"])[None, None]
+    resampled = sample_at(labels, grid_coordinates(matrix, fixed.shape[:3]), "nearest")[0].long()
+    return {**pair, "moving_label": resampled, "fixed_label": _load(pair["fixed_label"]).long()[None]}
+
+
+def _rows(peers: Sequence[str], seed: int) -> Dict[str, Optional[tuple]]:
+    """The methods: name -> (kind, options), None for no registration."""
+    rows: Dict[str, Optional[tuple]] = {"no registration (world coordinates)": None}
+    rows.update({name: ("ours", options) for name, options in OURS.items()})
+    if "ants" in peers:
+        if ants_available():
+            rows["ANTs SyN (antspyx defaults)"] = ("ants", ["SyN", str(seed)])
+        else:
+            print('ANTs row skipped: antspyx is not installed (pip install -e ".[peers]")', flush=True)
+    return rows
+
+
+def run_subject_pairs(
+    root: str, count: int, label: str, peers: Sequence[str], threads: int, seed: int, work: Path
+) -> Dict[str, dict]:
+    """Register the pairs of every section (:func:`find_subject_pairs`) with every method, one process each.
+
+    Returns:
+        Section name -> ``{"summary": method -> summary, "pairs": method -> rows}``; empty when ``root``'s subjects
+        give no pair.
+    """
+    sections = find_subject_pairs(root, count, label)
+    if not sections:
+        print(f"no real subject pairs: {root} has fewer than 2 subjects with aligned_norm and a label map", flush=True)
+    rows = _rows(peers, seed)
+    results = {}
+    for section, pairs in sections.items():
+        names = ", ".join(f"{p['moving_id']} -> {p['fixed_id']}" for p in pairs)
+        print(f"{section}: {len(pairs)} pairs of real subjects ({names})", flush=True)
+        items, per_pair = [_labels(pair) for pair in pairs], {}
+        for name, method in rows.items():
+            per_pair[name] = [
+                _run(*method, pair, item, work, threads) if method else pair_row(item)
+                for pair, item in zip(pairs, items)
+            ]
+            summary = aggregate(per_pair[name])
+            print(f"  {name}: {json.dumps({k: round(v['mean'], 4) for k, v in summary.items()})}", flush=True)
+        results[section] = {"summary": {k: aggregate(v) for k, v in per_pair.items()}, "pairs": per_pair}
+    return results
