@@ -174,7 +174,9 @@ def test_documented_cli_commands_run(ws, group):
     """Every `python -m custom ...` command shown in bundle/docs/README.md, in a scratch copy of the layout (each
     group a case of its own, so the slow ones run side by side)."""
     for cmd in group:
-        extra = " --epochs 1 --num_val 2 --num_test 2 --batch_size 4" if " study " in cmd else ""
+        extra = (
+            " --epochs 1 --num_val 2 --num_test 2 --batch_size 4 --variants both,reduced" if " study " in cmd else ""
+        )
         shape = "[16,16,16]" if "--spatial_dims 3" in cmd else "[32,32]"
         extra += f" --shape {shape} --batch_size 2 --repeats 1" if " benchmark" in cmd else ""
         extra += (
