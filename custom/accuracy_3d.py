@@ -13,15 +13,17 @@ determinant <= 0), the minimum determinant, SDlogJ, wall and CPU seconds per pai
 """
 
 import json
+import multiprocessing
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from custom.accuracy_report import VOLUME_SWEEP, aggregate, pair_row, peak_rss_gib, run_in_process, write_report
+from custom.accuracy_report import VOLUME_SWEEP, aggregate, pair_row, write_report
 from custom.accuracy_subjects import run_subject_pairs
 from custom.data.demo import ensure_dataset
 from custom.data.frames import SubjectFrames
@@ -57,6 +59,24 @@ def _register_ants(spec: dict, moving: torch.Tensor, fixed: torch.Tensor, moving
     return warped, det
 
 
+def _run_in_process(what: str, target: Callable, *args) -> None:
+    """Run ``target(*args)`` in a fresh (spawned) process, so its memory and CPU time are its own.
+
+    Raises:
+        RuntimeError: naming ``what`` when the process fails.
+    """
+    process = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"{what} failed (process exit code {process.exitcode}).")
+
+
+def _peak_rss_gib() -> float:
+    """This process's peak resident memory so far, in GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def _child(spec: dict, pair_files: List[str], out_dir: str, threads: int) -> None:
     """Register every pair with one method (in a fresh process); write per pair the warped label, the determinant
     and the wall and CPU seconds of the registration alone, and the process's peak RSS."""
@@ -71,13 +91,13 @@ def _child(spec: dict, pair_files: List[str], out_dir: str, threads: int) -> Non
         timings.append({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu})
         torch.save({"warped_label": warped.to(torch.int32), "det": det.float()}, Path(out_dir) / f"{i}.pt")
         del item, warped, det
-    (Path(out_dir) / "timings.json").write_text(json.dumps({"pairs": timings, "peak_rss_gib": peak_rss_gib()}))
+    (Path(out_dir) / "timings.json").write_text(json.dumps({"pairs": timings, "peak_rss_gib": _peak_rss_gib()}))
 
 
 def _run_method(spec: dict, pair_files: List[str], work: Path, threads: int) -> dict:
     """Run ``_child`` in a spawned process; its per-pair outputs and peak RSS."""
     out = Path(tempfile.mkdtemp(dir=work))
-    run_in_process(f"the {spec['kind']} registration process", _child, spec, pair_files, str(out), threads)
+    _run_in_process(f"the {spec['kind']} registration process", _child, spec, pair_files, str(out), threads)
     record = json.loads((out / "timings.json").read_text())
     record["outputs"] = [torch.load(out / f"{i}.pt", weights_only=True) for i in range(len(pair_files))]
     return record
@@ -104,10 +124,10 @@ def _methods(model_path: Optional[str], variant: str, steps: Sequence[int], opti
     return methods
 
 
-def _pairs(dataset_dir: str, subjects: Sequence[str], image: str, label: str, count: int, displacement, seed):
-    """Known-deformation pairs of ``subjects`` (default the last subject with a label map), each with its own
-    label map (``label``, or for ``"auto"`` the finest it has)."""
-    root = Path(ensure_dataset(dataset_dir))
+def _pairs(root: str, subjects: Sequence[str], image: str, label: str, count: int, displacement, seed):
+    """Known-deformation pairs of ``subjects`` of the dataset ``root`` (default the last subject with a label map),
+    each with its own label map (``label``, or for ``"auto"`` the finest it has)."""
+    root = Path(root)
     every = find_subjects(root, image, None)
     names = [s["subject"] for s in every]
     missing = [s for s in subjects if s not in names]
@@ -176,9 +196,10 @@ def run_volume_accuracy(
     for n in steps:
         RefineOptions(**{**options, "steps": n}).for_dims(3)
     model_path = model_path or pretrained_path(bundle_dir(), 3, variant)
-    known = pairs_per_subject > 0  # checked before anything is written
-    subjects = as_list(test_subjects)
-    pairs = _pairs(dataset_dir, subjects, image, label, pairs_per_subject, max_displacement, seed) if known else []
+    known, root = pairs_per_subject > 0, ensure_dataset(dataset_dir)  # checked before anything is written
+    pairs = (
+        _pairs(root, as_list(test_subjects), image, label, pairs_per_subject, max_displacement, seed) if known else []
+    )
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results, per_pair, header = {}, {}, f"# 3D accuracy on {dataset_dir}\n\n{LEGEND.format(threads=threads)}\n\n"
@@ -190,9 +211,8 @@ def run_volume_accuracy(
                 f"## Known deformations: {len(pairs)} pairs (velocity std {max_displacement} voxels) of the labelled "
                 "subjects\n\n"
             )
-        root = ensure_dataset(dataset_dir)
-        subjects = run_subject_pairs(root, subject_pairs, "auto", as_list(peers), threads, seed, Path(work))
-    return write_report(out, header, results, per_pair, volumes=True, sections=subjects)
+        sections = run_subject_pairs(root, subject_pairs, "auto", as_list(peers), threads, seed, Path(work))
+    return write_report(out, header, results, per_pair, volumes=True, sections=sections)
 
 
 LEGEND = (

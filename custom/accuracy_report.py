@@ -3,26 +3,15 @@
 ``results.json``."""
 
 import json
-import multiprocessing
-import resource
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 from custom.atomic import atomic_write_text
 from custom.metrics import format_mean, pair_metrics, summarize
 
-__all__ = [
-    "COLUMNS",
-    "VOLUME_SWEEP",
-    "aggregate",
-    "pair_row",
-    "peak_rss_gib",
-    "run_in_process",
-    "to_markdown",
-    "write_report",
-]
+__all__ = ["COLUMNS", "VOLUME_SWEEP", "aggregate", "pair_row", "to_markdown", "write_report"]
 
 VOLUME_SWEEP = ((60, 10, 0), (60, 20, 10), (60, 20, 20))
 """The refinement steps per level (a quarter, half and full resolution) tabulated in 3D besides the default."""
@@ -39,24 +28,6 @@ COLUMNS = (
     "peak_rss_gib",
 )
 """The summarised columns of the per-pair rows (:func:`custom.metrics.pair_metrics` and the timings)."""
-
-
-def run_in_process(what: str, target: Callable, *args) -> None:
-    """Run ``target(*args)`` in a fresh (spawned) process, so its memory and CPU time are its own.
-
-    Raises:
-        RuntimeError: naming ``what`` when the process fails.
-    """
-    process = multiprocessing.get_context("spawn").Process(target=target, args=args)
-    process.start()
-    process.join()
-    if process.exitcode != 0:
-        raise RuntimeError(f"{what} failed (process exit code {process.exitcode}).")
-
-
-def peak_rss_gib() -> float:
-    """This process's peak resident memory so far, in GiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def pair_row(item: dict, warped_label: Optional[torch.Tensor] = None, det: Optional[torch.Tensor] = None, **extra):

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
@@ -51,9 +51,9 @@ OURS = {
 """Our rows: ``python -m custom register`` with these options (and ``--jacobian True``)."""
 
 
-def _files(folder: Path, label: str) -> Dict[str, Path]:
-    names = {"aligned_norm": "aligned_norm", "aligned_label": f"aligned_{label}", "norm": "norm", "label": label}
-    return {key: folder / f"{name}.nii.gz" for key, name in names.items()}
+def _fixed_files(folder: Path, label: str) -> Tuple[Path, Path]:
+    """A subject's files as the fixed side of a pair: ``aligned_norm`` and ``aligned_<label>``."""
+    return folder / "aligned_norm.nii.gz", folder / f"aligned_{label}.nii.gz"
 
 
 def find_subject_pairs(root: str, count: int, label: str = "auto") -> Dict[str, List[dict]]:
@@ -71,7 +71,7 @@ def find_subject_pairs(root: str, count: int, label: str = "auto") -> Dict[str, 
     """
     folders = sorted(p for p in Path(root).iterdir() if p.is_dir())
     for name in LABELS if label == "auto" else (label,):
-        subjects = [f for f in folders if all(_files(f, name)[k].is_file() for k in ("aligned_norm", "aligned_label"))]
+        subjects = [f for f in folders if all(path.is_file() for path in _fixed_files(f, name))]
         if len(subjects) >= 2:
             break
     else:
@@ -85,13 +85,13 @@ def find_subject_pairs(root: str, count: int, label: str = "auto") -> Dict[str, 
             moving = subjects[m] / f"{image}.nii.gz"
             labels = subjects[m] / f"{moving_label.format(name)}.nii.gz"
             if len(pairs) < count and moving.is_file() and labels.is_file():
-                fixed = _files(subjects[f], name)
+                fixed, fixed_label = _fixed_files(subjects[f], name)
                 pairs.append(
                     {
                         "moving": str(moving),
                         "moving_label": str(labels),
-                        "fixed": str(fixed["aligned_norm"]),
-                        "fixed_label": str(fixed["aligned_label"]),
+                        "fixed": str(fixed),
+                        "fixed_label": str(fixed_label),
                         "moving_id": subjects[m].name,
                         "fixed_id": subjects[f].name,
                     }
@@ -128,15 +128,14 @@ def _run(kind: str, options: List[str], pair: dict, item: dict, work: Path, thre
         key: sorted(out.glob(f"*{suffix}"))
         for key, suffix in (("label", "warped_label.nii.gz"), ("det", "jacobian.nii.gz"))
     }
-    warped, det = (_load(str(found[key][0])) for key in ("label", "det"))
+    warped, det = (_load(nib.load(found[key][0])) for key in ("label", "det"))
     shutil.rmtree(out)
     timing = {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_gib": usage.ru_maxrss / 2**20}
     return pair_row(item, warped.round().long(), det, **timing)
 
 
-def _load(path: str) -> torch.Tensor:
+def _load(image: nib.Nifti1Image) -> torch.Tensor:
     """A volume (the first three axes of the file) as float32."""
-    image = nib.load(path)
     return torch.from_numpy(np.asarray(image.dataobj, dtype=np.float32).reshape(image.shape[:3]))
 
 
@@ -145,9 +144,8 @@ def _labels(pair: dict) -> dict:
     resampled by world coordinates onto the fixed grid (nearest): the row of no registration."""
     moving, fixed = nib.load(pair["moving_label"]), nib.load(pair["fixed_label"])
     matrix = torch.as_tensor(voxel_map(np.eye(4), moving.affine, fixed.affine))
-    labels = _load(pair["moving_label"])[None, None]
-    resampled = sample_at(labels, grid_coordinates(matrix, fixed.shape[:3]), "nearest")[0].long()
-    return {**pair, "moving_label": resampled, "fixed_label": _load(pair["fixed_label"]).long()[None]}
+    resampled = sample_at(_load(moving)[None, None], grid_coordinates(matrix, fixed.shape[:3]), "nearest")[0].long()
+    return {**pair, "moving_label": resampled, "fixed_label": _load(fixed).long()[None]}
 
 
 def _rows(peers: Sequence[str], seed: int) -> Dict[str, Optional[tuple]]:

@@ -68,20 +68,20 @@ def save_row(output_dir: Path, name: str, row: Dict[str, str]) -> None:
     atomic_write_text(Path(output_dir) / ROWS_DIR / f"{name}.json", json.dumps(row) + "\n")
 
 
-def _table_rows(output_dir: Path) -> List[Dict[str, str]]:
-    """The rows of an earlier run's ``pairs_out.csv`` (none when it is missing or not ours)."""
+def _table_rows(output_dir: Path) -> Dict[str, Dict[str, str]]:
+    """The rows of an earlier run's ``pairs_out.csv`` by pair name (none when it is missing or not ours)."""
     path = Path(output_dir) / "pairs_out.csv"
     if not path.is_file() or not written_by_us(path):
-        return []
+        return {}
     with path.open(newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+        return {row["name"]: row for row in csv.DictReader(f) if row.get("name")}
 
 
 def finished_rows(output_dir: Path, names: Sequence[str]) -> Dict[str, Dict[str, str]]:
     """The rows of the pairs ``names`` that an earlier run in ``output_dir`` registered completely: a row (in
     ``pairs_out.csv`` or in :data:`ROWS_DIR`) with status ``registered`` (or ``skipped``: registered before that),
     and every output file it names present and written by us (checked, not assumed)."""
-    rows = {row["name"]: row for row in _table_rows(output_dir) if row.get("name")}
+    rows = _table_rows(output_dir)
     folder = Path(output_dir) / ROWS_DIR
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         rows[path.name[: -len(".json")]] = json.loads(path.read_text())
@@ -98,7 +98,7 @@ def gather_table(output_dir: Path, names: Sequence[str]) -> List[Dict[str, str]]
     """Write ``pairs_out.csv`` from the saved rows of ``names`` (in that order; pairs without a row are left out)
     and remove :data:`ROWS_DIR`; the rows written."""
     folder = Path(output_dir) / ROWS_DIR
-    earlier = {row["name"]: row for row in _table_rows(output_dir) if row.get("name")}
+    earlier = _table_rows(output_dir)
     rows = []
     for name in names:
         path = folder / f"{name}.json"
@@ -196,17 +196,18 @@ class CohortShare:
     def pair_row(self, name: str) -> Dict[str, str]:
         """The ``pairs_out.csv`` columns of the pair ``name`` (of the whole listing): its input files and name."""
         item = self._listed()[self.all_names.index(name)]
-        return {
-            "moving": item["moving"],
-            "fixed": item["fixed"],
-            "moving_label": item.get("moving_label", ""),
-            "name": name,
-        }
+        return {**{key: item.get(key, "") for key in ("moving", "fixed", "moving_label")}, "name": name}
+
+    def item(self, i: int) -> Tuple[Dict[str, str], str]:
+        """The ``i``-th pair of :attr:`pairs` and its name."""
+        listing = self._listed()
+        return listing[self._work[i]], self.all_names[self._work[i]]
 
     def drop(self, names: Sequence[str]) -> None:
         """Leave the pairs ``names`` out (e.g. finished by an earlier run)."""
         self._listed()
-        self._work = [i for i in self._work if self.all_names[i] not in set(names)]
+        left_out = set(names)
+        self._work = [i for i in self._work if self.all_names[i] not in left_out]
 
     def check(self, check_pair: Callable[[Dict[str, str]], None]) -> None:
         """Check every pair of this share with ``check_pair`` (raising ``ValueError``). A pair that fails is left out

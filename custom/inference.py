@@ -245,7 +245,7 @@ class RegistrationPairs(CohortShare, torch.utils.data.Dataset):
         )
 
     def __getitem__(self, i: int) -> dict:
-        item, name = self.pairs[i], self.names[i]
+        item, name = self.item(i)
         out = self._transforms["moving_label" in item](dict(item))
         out.update(moving_path=item["moving"], fixed_path=item["fixed"], label_path=item.get("moving_label", ""))
         out.update(moving_map=torch.eye(self.spatial_dims + 1, dtype=torch.float64), failed="")

@@ -52,23 +52,30 @@ def ants_available() -> bool:
     return importlib.util.find_spec("ants") is not None
 
 
-def ants_register(moving: torch.Tensor, fixed: torch.Tensor, moving_label: torch.Tensor, transform: str, seed: int):
-    """ANTs registration of a pair ``(1, *S)`` each: ``(warped label, Jacobian determinant of its deformable warp,
-    seconds of the registration)``; ANTs' transform files are removed."""
+def _ants(fixed, moving, moving_label, transform: str, seed: int):
+    """ANTs registration of ``antspyx`` images: ``(warped label map, Jacobian determinant image of the deformable
+    warp, seconds of the registration)`` on the fixed grid; ANTs' transform files are removed."""
     import ants
 
-    f = ants.from_numpy(fixed[0].cpu().numpy().astype(np.float32))
-    m = ants.from_numpy(moving[0].cpu().numpy().astype(np.float32))
     start = time.perf_counter()
-    reg = ants.registration(fixed=f, moving=m, type_of_transform=transform, random_seed=seed)
+    reg = ants.registration(fixed=fixed, moving=moving, type_of_transform=transform, random_seed=int(seed))
     seconds = time.perf_counter() - start
-    label = ants.from_numpy(moving_label[0].cpu().numpy().astype(np.float32))
-    warped = ants.apply_transforms(f, label, reg["fwdtransforms"], interpolator="genericLabel")
-    jac = torch.from_numpy(ants.create_jacobian_determinant_image(f, reg["fwdtransforms"][0]).numpy())
+    warped = ants.apply_transforms(fixed, moving_label, reg["fwdtransforms"], interpolator="genericLabel")
+    jac = ants.create_jacobian_determinant_image(fixed, reg["fwdtransforms"][0])
     for path in set(reg["fwdtransforms"] + reg["invtransforms"]):
         if os.path.exists(path):
             os.remove(path)
-    return torch.from_numpy(warped.numpy()).round().to(moving_label.dtype), jac, seconds
+    return warped, jac, seconds
+
+
+def ants_register(moving: torch.Tensor, fixed: torch.Tensor, moving_label: torch.Tensor, transform: str, seed: int):
+    """ANTs registration of a pair ``(1, *S)`` each: ``(warped label, Jacobian determinant of its deformable warp,
+    seconds of the registration)``."""
+    import ants
+
+    f, m, label = (ants.from_numpy(t[0].cpu().numpy().astype(np.float32)) for t in (fixed, moving, moving_label))
+    warped, jac, seconds = _ants(f, m, label, transform, seed)
+    return torch.from_numpy(warped.numpy()).round().to(moving_label.dtype), torch.from_numpy(jac.numpy()), seconds
 
 
 def ants_register_files(
@@ -76,7 +83,7 @@ def ants_register_files(
 ) -> Dict[str, Path]:
     """ANTs registration of two image files, as a user runs it (``antspyx``; ``"SyN"``: its own affine stage, then
     SyN): the moving label map warped onto the fixed grid and the Jacobian determinant of the deformable warp,
-    written into ``out_dir`` (ANTs' transform files are removed).
+    written into ``out_dir``.
 
     Returns:
         ``{"label": warped label map, "det": determinant map}`` (NIfTI paths).
@@ -85,18 +92,10 @@ def ants_register_files(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fixed_image = ants.image_read(fixed)
-    moving_image = ants.image_read(moving)
-    reg = ants.registration(fixed_image, moving_image, type_of_transform=transform, random_seed=int(seed))
-    labels = ants.apply_transforms(
-        fixed_image, ants.image_read(moving_label), reg["fwdtransforms"], interpolator="genericLabel"
-    )
+    warped, jac, _ = _ants(*(ants.image_read(p) for p in (fixed, moving, moving_label)), transform, seed)
     paths = {"label": out / "warped_label.nii.gz", "det": out / "jacobian.nii.gz"}
-    labels.to_file(str(paths["label"]))
-    ants.create_jacobian_determinant_image(fixed_image, reg["fwdtransforms"][0]).to_file(str(paths["det"]))
-    for path in set(reg["fwdtransforms"] + reg["invtransforms"]):
-        if os.path.exists(path):
-            os.remove(path)
+    warped.to_file(str(paths["label"]))
+    jac.to_file(str(paths["det"]))
     return paths
 
 

@@ -13,6 +13,8 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from custom.spatial import slabs
+
 __all__ = [
     "dice_per_label",
     "folding_stats",
@@ -170,13 +172,13 @@ def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected ddf of shape (B, spatial_dims, *spatial) with 2 or 3 dims, got {list(ddf.shape)}.")
     if min(ddf.shape[2:]) < 2:
         raise ValueError(f"every spatial size must be >= 2, got {list(ddf.shape[2:])}.")
-    size, step = ddf.shape[2], max(1, SLAB_VOXELS // ddf[0, 0, 0].numel())
+    size, step = ddf.shape[2], SLAB_VOXELS // ddf[0, 0, 0].numel()
     if step >= size:
         return _determinant(ddf, nd)
-    parts = []  # slabs along the first axis, each with a one-voxel halo for the central differences
-    for start in range(0, size, step):
-        low, high = max(0, start - 1), min(size, start + step + 1)
-        parts.append(_determinant(ddf[:, :, low:high], nd)[:, start - low : start - low + min(step, size - start)])
+    parts = [  # slabs along the first axis, each with a one-voxel halo for the central differences
+        _determinant(ddf[:, :, low:high], nd)[:, first - low : last - low]
+        for first, last, low, high in slabs(size, step, 1)
+    ]
     return torch.cat(parts, dim=1)
 
 

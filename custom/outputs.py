@@ -20,6 +20,7 @@ from custom.interop import DDF_FORMATS, field_suffix, write_field
 from custom.losses import LocalNCCLoss
 from custom.metrics import jacobian_determinant
 from custom.refine import SLAB_VOXELS
+from custom.spatial import slabs
 from custom.warp import SpatialTransformer, sample_at
 from custom.workflow import decollated
 
@@ -114,12 +115,9 @@ def _warn(name: str, problem: str) -> None:
 def _mean_lncc(moving: torch.Tensor, fixed: torch.Tensor, ddf: Optional[torch.Tensor], lncc: LocalNCCLoss) -> float:
     """The mean LNCC of ``moving`` warped by ``ddf`` (``None``: as it is) and ``fixed``, slab by slab along the last
     axis (exact, since LNCC is local; ``lncc`` has ``reduction="none"``), so a 3D pair's score needs little memory."""
-    depth, halo = fixed.shape[-1], lncc.kernel_size // 2
-    slab, total = max(1, SLAB_VOXELS * depth // fixed.numel()), 0.0
+    depth, total = fixed.shape[-1], 0.0
     with torch.no_grad():
-        for first in range(0, depth, slab):
-            last = min(depth, first + slab)
-            low, high = max(0, first - halo), min(depth, last + halo)
+        for first, last, low, high in slabs(depth, SLAB_VOXELS * depth // fixed.numel(), lncc.kernel_size // 2):
             warped = moving[..., low:high] if ddf is None else _WARP(moving, ddf[..., low:high], low)
             total += float(lncc(warped, fixed[..., low:high])[..., first - low : last - low].sum())
     return -total / fixed.numel()
@@ -182,7 +180,6 @@ class RegistrationWriter:
         self.ddf_format = ddf_format
         self.jacobian = as_bool("jacobian", jacobian)
         self.overwrite, self.resume = as_bool("overwrite", overwrite), as_bool("resume", resume)
-        self.written: List[str] = []
         self._lncc: Dict[int, LocalNCCLoss] = {}  # per spatial_dims, built once
         self.dataset: Optional[RegistrationPairs] = None
         self.failures: Dict[str, str] = {}
@@ -227,7 +224,6 @@ class RegistrationWriter:
             scores, warnings, summary = _scores(item, ddf, self._lncc[dims])
             paths = self._paths(item["name"], ddf.shape[1], "moving_label" in item, "affine" in item)
             write_pair(item, ddf, paths, self.ddf_format)
-            self.written += [str(p) for p in paths.values()]
             row.update({key: paths[key].name if key in paths else "" for key in FILE_COLUMNS if key != "jacobian"})
             row.update(**({"jacobian": paths["jacobian"].name} if self.jacobian else {}), **scores)
             row.update(status="registered", warning="; ".join(warnings))

@@ -38,7 +38,7 @@ from torch import nn
 from custom.affine import after_affine
 from custom.errors import as_bool, check_integer, check_number
 from custom.losses import GradLoss, LocalNCCLoss, MSELoss, check_similarity
-from custom.spatial import check_spatial_dims
+from custom.spatial import check_spatial_dims, slabs
 from custom.warp import SpatialTransformer, VelocityIntegration
 
 __all__ = ["DEFAULTS", "RefineOptions", "RefiningInferer", "RegistrationInferer", "refine", "resize_field"]
@@ -174,11 +174,8 @@ class _LevelLoss:
         ddf = resize_field(field, pair.shape[2:])
         leaf = ddf.detach().requires_grad_()
         depth, count = leaf.shape[-1], pair[:, :1].numel()
-        slab = max(1, SLAB_VOXELS * depth // count)
         total = 0.0
-        for first in range(0, depth, slab):
-            last = min(depth, first + slab)
-            low, high = max(0, first - self.halo), min(depth, last + self.halo)
+        for first, last, low, high in slabs(depth, SLAB_VOXELS * depth // count, self.halo):
             warped = self.transformer(pair[:, :1], leaf[..., low:high], low)
             values = self.similarity(warped, pair[:, 1:, ..., low:high])
             part = values[..., first - low : last - low].sum() / count

@@ -60,19 +60,23 @@ def add_native_scan(folder: Path, degrees: float = 8.0, shift_mm=(6.0, -4.0, 3.0
         nib.save(nib.Nifti1Image(np.ascontiguousarray(data), affine), str(folder / f"{native}.nii.gz"))
 
 
-def test_a_native_scan_is_its_aligned_scan_moved():
-    """The helper's native scan holds the aligned scan's voxels at the world points moved by its rigid motion."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        make_demo(Path(tmp), num_subjects=2, shape=(16, 18, 20))
-        folder = Path(tmp) / "OASIS_OAS1_0001_MR1"
-        add_native_scan(folder, degrees=0.0, shift_mm=(0.0, 0.0, 0.0))
-        aligned, native = nib.load(folder / "aligned_norm.nii.gz"), nib.load(folder / "norm.nii.gz")
-        assert native.shape == (26, 24, 28)
-        voxel = np.array([3, 5, 7, 1])
-        index = np.round(np.linalg.inv(native.affine) @ aligned.affine @ voxel).astype(int)[:3]
-        assert np.asarray(native.dataobj)[tuple(index)] == np.asarray(aligned.dataobj)[3, 5, 7]
+def test_a_native_scan_is_its_aligned_scan_moved(tmp_path):
+    """The helper's native scan holds every aligned voxel's value at that voxel's world point moved by the rigid
+    motion (rotated 8 degrees about z, shifted), on another grid (padded, axes permuted and flipped)."""
+    make_demo(tmp_path, num_subjects=2, shape=(16, 18, 20))
+    folder = tmp_path / "OASIS_OAS1_0001_MR1"
+    add_native_scan(folder)
+    for aligned_name, native_name in (("aligned_norm", "norm"), ("aligned_seg4", "seg4")):
+        aligned, native = nib.load(folder / f"{aligned_name}.nii.gz"), nib.load(folder / f"{native_name}.nii.gz")
+        assert native.shape == (26, 24, 28) and not np.allclose(native.affine[:3, :3], aligned.affine[:3, :3])
+        c, s = np.cos(np.radians(8.0)), np.sin(np.radians(8.0))
+        motion = np.array([[c, -s, 0, 6.0], [s, c, 0, -4.0], [0, 0, 1, 3.0], [0, 0, 0, 1]])
+        voxels = np.stack(np.meshgrid(*[np.arange(n) for n in aligned.shape], indexing="ij"), -1).reshape(-1, 3)
+        points = np.c_[voxels, np.ones(len(voxels))] @ (np.linalg.inv(native.affine) @ motion @ aligned.affine).T
+        index = np.round(points[:, :3]).astype(int)
+        assert np.allclose(points[:, :3], index, atol=1e-6)  # whole voxels of the native grid
+        found = np.asarray(native.dataobj)[tuple(index.T)]
+        assert np.array_equal(found, np.asarray(aligned.dataobj)[tuple(voxels.T)])
 
 
 @pytest.fixture(scope="module")
