@@ -9,12 +9,14 @@ REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data" / "oasis_real"
 
 warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample.*")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1)
+"""Torch threads of a test process: one per xdist worker (``-n 2`` on 2 cores: more would contend)."""
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    torch.set_num_threads(THREADS)  # a benchmark run in-process may have changed it
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 transform file as SimpleITK reads it, implausible transforms refused, and on a real native scan: register's affine
 file and field applied by SimpleITK and ANTs reproduce register's own outputs."""
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.spatial.transform import Rotation
+from warm_python import python_env, run_python
 
 from custom.affine import (
     align_affine,
@@ -206,7 +206,7 @@ def test_native_scan_registered_and_applied_by_itk_and_ants(tmp_path):
     cmd = [sys.executable, "-m", "custom", "register", "--moving", str(moving / "norm.nii.gz"), "--fixed"]
     cmd += [str(fixed / "aligned_norm.nii.gz"), "--moving_label", str(moving / "seg35.nii.gz"), "--affine", "true"]
     cmd += ["--refine_steps", "[10,0,0]", "--output_dir", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    proc = run_python(cmd, REPO, python_env(), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     name = tmp_path / "norm__to__OASIS_OAS1_0002_MR1_aligned_norm"
     ours = nib.load(f"{name}_warped.nii.gz").get_fdata()
@@ -236,7 +236,7 @@ def test_native_scan_registered_and_applied_by_itk_and_ants(tmp_path):
     assert np.abs(warped.numpy() - ours).max() <= 1e-3 * scale
     applied = [sys.executable, "-m", "custom", "apply", "--image", str(moving / "seg35.nii.gz"), "--field"]
     applied += [f"{name}_ddf.nii.gz", "--affine", f"{name}_affine.txt", "--output", str(tmp_path / "applied.nii.gz")]
-    proc = subprocess.run(applied, capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = run_python(applied, REPO, python_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert np.array_equal(np.asarray(nib.load(str(tmp_path / "applied.nii.gz")).dataobj), label)  # register's own
 
@@ -263,7 +263,7 @@ def test_2d_files_are_registered_and_applied_by_simpleitk(tmp_path):
     moving_image[..., :2, :], moving_image[..., -2:, :], moving_image[..., :2], moving_image[..., -2:] = 0, 0, 0, 0
     moving = _planar_nifti(tmp_path / "moving.nii.gz", moving_image, moving_grid, z_mm=-3.0)
     cmd = [sys.executable, "-m", "custom", "register", "--moving", moving, "--fixed", fixed, "--refine_steps", "5"]
-    proc = subprocess.run(cmd + ["--output_dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
+    proc = run_python(cmd + ["--output_dir", str(tmp_path / "out")], REPO, python_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     name = tmp_path / "out" / "moving__to__fixed"
     assert "Transform: AffineTransform_double_2_2" in Path(f"{name}_affine.txt").read_text()

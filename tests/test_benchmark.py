@@ -6,7 +6,7 @@ from custom.benchmark import benchmark
 @pytest.mark.slow
 def test_benchmark_writes_table(tmp_path):
     out = tmp_path / "bench.md"
-    table = benchmark(shape=(32, 32), batch_size=2, repeats=1, variants="both", output=str(out))
+    table = benchmark(shape=(32, 32), batch_size=2, repeats=1, variants="both", output=str(out), threads=1)
     assert "| both | 45,106 |" in table
     assert "monai VoxelMorph (steps=0)" in table and "LNCC (kernel 9)" in table
     assert out.read_text() == table
@@ -37,7 +37,7 @@ def test_training_epochs_table(tmp_path):
     from custom.data import make_demo
 
     make_demo(tmp_path / "demo", num_subjects=3, shape=(24, 28, 20))
-    table = training_epochs(str(tmp_path / "demo"), epochs=2)
+    table = training_epochs(str(tmp_path / "demo"), epochs=2, threads=1)
     rows = [line for line in table.splitlines() if line.startswith("| ours") or line.startswith("| MONAI")]
     assert len(rows) == 2 and rows[1].endswith("| 1.00x |")
     for row in rows:

@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from warm_python import run_python
 
 from custom import RegistrationNet
 from custom.data import make_demo
@@ -43,10 +44,10 @@ def workspace(root: Path, num_subjects: int = 12) -> Path:
     return root
 
 
-def run(cmd, cwd, check=True, timeout=600, **kwargs):
+def run(cmd, cwd, check=True, timeout=600):
     args = shlex.split(cmd) if isinstance(cmd, str) else cmd
     env = dict(os.environ, PYTHONWARNINGS="ignore", MPLBACKEND="Agg", OMP_NUM_THREADS="1")
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+    proc = run_python(args, cwd, env, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

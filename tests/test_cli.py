@@ -3,7 +3,6 @@
 import json
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from warm_python import run_python
 
 from custom import RegistrationNet
 from custom.accuracy_subjects import OURS
@@ -23,20 +23,8 @@ pytestmark = pytest.mark.slow
 
 def cli(args, cwd, check=True):
     cmd = [sys.executable, "-m", "custom"] + (shlex.split(args) if isinstance(args, str) else args)
-    proc = subprocess.run(
-        cmd,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={
-            "PYTHONWARNINGS": "ignore",
-            "MPLBACKEND": "Agg",
-            "OMP_NUM_THREADS": "1",
-            "PATH": "/usr/bin:/bin",
-            "HOME": str(cwd),
-        },
-    )
+    env = {"PYTHONWARNINGS": "ignore", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    proc = run_python(cmd, cwd, {**env, "HOME": str(cwd)}, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return proc
@@ -198,6 +186,7 @@ def test_documented_cli_commands_run(ws, group):
             else ""
         )
         extra += " --subject_pairs 0" if " accuracy --spatial_dims 3" in cmd else ""  # run by test_accuracy_3d_...
+        extra += " --threads 1" if " benchmark" in cmd or " accuracy" in cmd else ""  # beside the other xdist worker
         cli(cmd.replace("python -m custom ", "").replace("../shared/data/oasis_labelled", "data/demo") + extra, ws)
 
 
@@ -329,7 +318,7 @@ def test_accuracy_end_to_end(ws):
 
     cli(
         "accuracy --output_dir acc --budget_minutes 0.05 --max_pairs 3 --offset 2 --refine_steps 2,4 "
-        "--default_refine_steps 2 --batch_size 4",
+        "--default_refine_steps 2 --batch_size 4 --threads 1",
         ws,
     )
     table = (ws / "acc" / "accuracy.md").read_text()
@@ -373,6 +362,7 @@ def test_accuracy_3d_end_to_end(ws):
     from custom.methods import ants_available
 
     extra = " --test_subjects OASIS_OAS1_0012_MR1 --pairs_per_subject 2 --max_displacement 1.5 --refine_steps [[4,2,0]]"
+    extra += " --threads 1"
     cli(ACCURACY_3D.replace("python -m custom ", "") + extra + " --subject_pairs 1", ws)  # the documented command
     out = ws / "results" / "accuracy_3d_demo"
     results = json.loads((out / "results.json").read_text())
@@ -417,7 +407,7 @@ def test_accuracy_3d_end_to_end(ws):
 
 
 def test_study_end_to_end(ws):
-    extra = " --epochs 1 --num_val 2 --num_test 2 --batch_size 4 --variants both,reduced"
+    extra = " --epochs 1 --num_val 2 --num_test 2 --batch_size 4 --variants both,reduced --threads 1"
     cli(STUDY.replace("python -m custom ", "") + extra, ws)  # the documented command, on tiny data
     run = ws / "results" / "demo"
     report = (run / "report.md").read_text()

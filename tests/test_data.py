@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from monai.data import CacheDataset
+from warm_python import python_env, run_python
 
 from custom.data import (
     PAIR_STRATEGIES,
@@ -116,12 +117,11 @@ def test_demo_bad_options(tmp_path, kwargs, message):
 
 
 def test_make_demo_cli(tmp_path):
-    import subprocess
     import sys
 
     out = tmp_path / "cli_demo"
     cmd = [sys.executable, "-m", "custom", "make-demo", str(out), "--num_subjects", "2", "--shape", "[8,8,8]"]
-    subprocess.run(cmd, check=True, capture_output=True)
+    assert run_python(cmd, tmp_path, python_env()).returncode == 0
     assert len(find_subjects(out)) == 2
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from warm_python import python_env, run_python
 
 from custom import SpatialTransformer
 from custom.interop import apply_field, check_itk_affine, ddf_to_itk, ddf_to_voxel_image, read_field, write_field
@@ -157,7 +158,6 @@ def test_oblique_affine_is_accepted():
 def test_register_writes_a_field_simpleitk_applies(tmp_path):
     """`python -m custom register` on 3D inputs with another grid than the identity: SimpleITK, given the written
     field, resamples the moving image into our warped image."""
-    import subprocess
     import sys
 
     from custom.data import make_demo
@@ -185,7 +185,7 @@ def test_register_writes_a_field_simpleitk_applies(tmp_path):
         "--output_dir",
         "out",
     ]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = run_python(cmd, tmp_path, python_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddf_path = next((tmp_path / "out").glob("*_ddf.nii.gz"))
     field = np.asarray(nib.load(ddf_path).dataobj)

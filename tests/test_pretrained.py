@@ -1,7 +1,6 @@
 """Synthetic pairs, the shipped pretrained weights and their manifest, and registering with no training."""
 
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from warm_python import python_env, run_python
 
 from custom import LocalNCCLoss, RegistrationNet
 from custom.data import SyntheticPairs, build_pair_dataset, make_demo
@@ -150,7 +150,7 @@ def test_pretrain_fine_tunes_the_shipped_file_with_a_loader_process(tiny_pretrai
 
 def register(args, cwd):
     cmd = [sys.executable, "-m", "custom", "register"] + args
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    proc = run_python(cmd, cwd, python_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

@@ -35,13 +35,12 @@ def test_process_tree_memory_counts_this_process():
 
 @pytest.mark.slow
 def test_scale_benchmark_runs_every_mode(source, tmp_path):
+    """Every cache mode over 2 torchrun ranks (the documented command, run by tests/test_cli.py, runs them on 1)."""
     table = run_scale(
-        str(tmp_path / "scale"), str(source), subjects=8, spatial_dims=2, ranks="1,2", epoch_length=1, num_workers=1
+        str(tmp_path / "scale"), str(source), subjects=8, spatial_dims=2, ranks="2", epoch_length=1, num_workers=1
     )
     rows = [line for line in table.splitlines() if line.startswith("| 2D")]
-    assert [r.split(" | ")[1:3] for r in rows] == [
-        [m, n] for n in "12" for m in ("memory", "disk-cold", "disk-warm", "none")
-    ]
+    assert [r.split(" | ")[1:3] for r in rows] == [[m, "2"] for m in ("memory", "disk-cold", "disk-warm", "none")]
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[-1] == "0" and re.fullmatch(r"\d+", cells[3]), row  # exit status 0, a start-up time
