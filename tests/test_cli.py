@@ -3,6 +3,7 @@
 import json
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from warm_python import run_python
+from warm_python import python_env, run_python
 
 from custom import RegistrationNet
 from custom.accuracy_subjects import OURS
@@ -429,3 +430,20 @@ def test_study_end_to_end(ws):
     results = data["runs"]
     assert len(results) == 4 and all(r["max_batch"] >= 1 and r["peak_mb_1"] > 0 for r in results)
     assert all(0 <= r["summary"]["dice_mean"]["mean"] <= 1 for r in results)
+
+
+def test_warm_runs_are_processes_of_their_own(tmp_path):
+    """The tests' warm runner (tests/warm_python.py) gives what a new interpreter gives: the same exit status and
+    output, the command's own working directory and environment, and a kill at the timeout."""
+    env = {**python_env(), "HOME": str(tmp_path)}
+    bad = [sys.executable, "-m", "custom", "register", "--moving", "missing.nii.gz", "--fixed", "missing.nii.gz"]
+    warm = run_python(bad, tmp_path, env)
+    cold = subprocess.run(bad, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert (warm.returncode, warm.stdout, warm.stderr) == (cold.returncode, cold.stdout, cold.stderr)
+    assert warm.returncode == 2 and "missing.nii.gz" in warm.stderr
+    made = run_python(
+        [sys.executable, "-m", "custom", "make-demo", "d", "--num_subjects", "2", "--shape", "[8,8,8]"], tmp_path, env
+    )
+    assert made.returncode == 0 and len(list((tmp_path / "d").iterdir())) >= 2  # in the command's directory
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_python([sys.executable, "-m", "custom", "make-demo", "e", "--num_subjects", "40"], tmp_path, env, 0.5)

@@ -9,6 +9,7 @@ runs it. Commands whose interpreter would start differently (other ``PYTHONWARNI
 """
 
 import atexit
+import contextlib
 import json
 import os
 import select
@@ -77,7 +78,8 @@ def run_python(
         try:
             returncode = _reply(server, timeout)["returncode"]
         except TimeoutError:
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # it may have ended just now
+                os.kill(pid, signal.SIGKILL)
             _reply(server, 60)
             raise subprocess.TimeoutExpired(args, timeout) from None
         return subprocess.CompletedProcess(
