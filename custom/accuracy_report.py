@@ -85,6 +85,8 @@ def write_report(
         pairs = next(iter(section["pairs"].values()))
         names = ", ".join(f"{p['moving']} -> {p['fixed']}" for p in pairs)
         text += f"\n## Real subject pairs, {name}: {names}\n\n{to_markdown(section['summary'], volumes)}\n"
+        if section.get("targets"):
+            text += "\nTargets:\n\n" + "\n".join(section["targets"]) + "\n"
     print(text, flush=True)
     atomic_write_text(out / "accuracy.md", text)
     data = {"summary": results, "pairs": per_pair, **({"subjects": sections} if sections else {})}

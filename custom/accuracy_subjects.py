@@ -10,7 +10,8 @@ moving scan registered to the next subject's ``aligned_norm``, in two sections:
 
 Rows: no registration (the moving labels resampled by world coordinates), our affine stage alone
 (``register --deformable False``), the network alone after it (``register --refine_steps 0``), ``register``'s
-defaults, and ANTs SyN (``antspyx`` defaults: its own affine stage, then SyN) when it is installed. Every
+defaults and its accurate setting (:data:`ACCURATE`), and ANTs SyN (``antspyx`` defaults: its own affine stage,
+then SyN) when it is installed; then the targets (:func:`targets`), each met or not. Every
 registration runs in a fresh process from the files: CPU seconds are the whole process's (imports, reading and
 writing included), wall seconds from its start to its end, and its peak resident memory (RSS). The warped label
 map each tool wrote (``<label>`` of the moving subject: ``seg35``, ``aligned_seg35``) is scored against the fixed
@@ -36,19 +37,26 @@ from custom.affine import grid_coordinates, voxel_map
 from custom.methods import ants_available
 from custom.warp import sample_at
 
-__all__ = ["SECTIONS", "find_subject_pairs", "run_subject_pairs"]
+__all__ = ["SECTIONS", "find_subject_pairs", "run_subject_pairs", "targets"]
 
 SECTIONS = {"aligned -> aligned": ("aligned_norm", "aligned_{}"), "native -> aligned": ("norm", "{}")}
 """Each section's moving image and label file (``{}``: the label, e.g. ``seg35``); the fixed ones are always
 ``aligned_norm`` and ``aligned_<label>``."""
 LABELS = ("seg35", "seg4")
 """``label="auto"``: the finest of these that both subjects of every pair have."""
+DEFAULTS_ROW, ACCURATE_ROW, NO_REGISTRATION = "ours, register defaults", "ours, accurate", "no registration"
+ACCURATE = ["--refine_steps", "[100,40,20]", "--refine_downsample", "1", "--refine_smooth_weight", "0.5"]
+"""The accurate setting: more steps, a full-resolution field, half the smoothness penalty."""
 OURS = {
     "ours, affine stage alone": ["--deformable", "False"],
     "ours, network alone (after the affine stage)": ["--refine_steps", "0"],
-    "ours, register defaults": [],
+    DEFAULTS_ROW: [],
+    f"{ACCURATE_ROW} ({' '.join(ACCURATE)})": ACCURATE,
 }
 """Our rows: ``python -m custom register`` with these options (and ``--jacobian True``)."""
+MAX_FOLDING_PERCENT, MAX_RSS_GIB, MIN_ACCURATE_GAIN = 0.01, 2.0, 0.02
+"""The targets :func:`targets` checks: % folding voxels on every pair, peak RSS of every run, the accurate
+setting's Dice over the defaults'."""
 
 
 def _fixed_files(folder: Path, label: str) -> Tuple[Path, Path]:
@@ -148,9 +156,52 @@ def _labels(pair: dict) -> dict:
     return {**pair, "moving_label": resampled, "fixed_label": _load(fixed).long()[None]}
 
 
+def _worst(rows: List[dict], key: str) -> float:
+    return max(row[key] for row in rows)
+
+
+def targets(per_pair: Dict[str, List[dict]]) -> List[str]:
+    """The section's targets, each a line saying met or not met with the values measured: ``register``'s
+    defaults above every other tool's Dice, at most :data:`MAX_FOLDING_PERCENT` % folding voxels on every pair, at
+    most half of ANTs SyN's CPU seconds, at most :data:`MAX_RSS_GIB` of peak RSS; the accurate setting at least
+    :data:`MIN_ACCURATE_GAIN` Dice above the defaults and as fold-free."""
+    if DEFAULTS_ROW not in per_pair:
+        return []
+    mean = {name: {k: v["mean"] for k, v in aggregate(rows).items()} for name, rows in per_pair.items()}
+    ours, folds = mean[DEFAULTS_ROW], _worst(per_pair[DEFAULTS_ROW], "nonpositive_percent")
+    rss = _worst(per_pair[DEFAULTS_ROW], "peak_rss_gib")
+    checks = [
+        (
+            folds <= MAX_FOLDING_PERCENT,
+            f"folding of the defaults <= {MAX_FOLDING_PERCENT}% on every pair (worst {folds:.4f}%)",
+        ),
+        (rss <= MAX_RSS_GIB, f"peak RSS of the defaults <= {MAX_RSS_GIB} GiB (worst {rss:.2f})"),
+    ]
+    peers = {name: m["dice_mean"] for name, m in mean.items() if not name.startswith(("ours", NO_REGISTRATION))}
+    if peers:
+        best = max(peers, key=peers.get)
+        text = f"Dice of the defaults {ours['dice_mean']:.3f} > every peer's (best: {best}, {peers[best]:.3f})"
+        checks.insert(0, (ours["dice_mean"] > peers[best], text))
+    ants = next((m["cpu_s"] for name, m in mean.items() if name.startswith("ANTs")), None)
+    if ants is not None:
+        text = f"CPU of the defaults <= half of ANTs SyN's ({ours['cpu_s']:.1f} s against {ants:.1f})"
+        checks.append((ours["cpu_s"] <= ants / 2, text))
+    accurate = next((name for name in per_pair if name.startswith(ACCURATE_ROW)), None)
+    if accurate:
+        gain, worst = mean[accurate]["dice_mean"] - ours["dice_mean"], _worst(per_pair[accurate], "nonpositive_percent")
+        text = f"{accurate}: Dice >= the defaults' + {MIN_ACCURATE_GAIN} (+{gain:.3f}), folding <= "
+        checks.append(
+            (
+                gain >= MIN_ACCURATE_GAIN and worst <= MAX_FOLDING_PERCENT,
+                text + f"{MAX_FOLDING_PERCENT}% (worst {worst:.4f}%)",
+            )
+        )
+    return [f"- {'met' if ok else 'NOT MET'}: {text}" for ok, text in checks]
+
+
 def _rows(peers: Sequence[str], seed: int) -> Dict[str, Optional[tuple]]:
     """The methods: name -> (kind, options), None for no registration."""
-    rows: Dict[str, Optional[tuple]] = {"no registration (world coordinates)": None}
+    rows: Dict[str, Optional[tuple]] = {f"{NO_REGISTRATION} (world coordinates)": None}
     rows.update({name: ("ours", options) for name, options in OURS.items()})
     if "ants" in peers:
         if ants_available():
@@ -185,5 +236,9 @@ def run_subject_pairs(
             ]
             summary = aggregate(per_pair[name])
             print(f"  {name}: {json.dumps({k: round(v['mean'], 4) for k, v in summary.items()})}", flush=True)
-        results[section] = {"summary": {k: aggregate(v) for k, v in per_pair.items()}, "pairs": per_pair}
+        results[section] = {
+            "summary": {k: aggregate(v) for k, v in per_pair.items()},
+            "pairs": per_pair,
+            "targets": targets(per_pair),
+        }
     return results

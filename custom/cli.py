@@ -49,7 +49,16 @@ SPLIT_OPTIONS = (
     "seed",
 )
 """The model, split and data options of ``evaluate`` that ``plot`` takes too (the training run's)."""
-REFINE_OPTIONS = ("similarity", "loss", "refine_steps", "refine_lr", "refine_smooth_weight", "refine_levels")
+REFINE_OPTIONS = (
+    "similarity",
+    "loss",
+    "refine_steps",
+    "refine_lr",
+    "refine_smooth_weight",
+    "refine_levels",
+    "refine_downsample",
+    "refine_grad_sigma",
+)
 """The refinement options of ``register`` that ``evaluate`` takes too (:class:`custom.refine.RefineOptions`)."""
 
 
@@ -116,6 +125,8 @@ def register(
     refine_lr: float = 0.2,
     refine_smooth_weight: float = 1.0,
     refine_levels: Optional[Sequence[int]] = None,
+    refine_downsample: Optional[int] = None,
+    refine_grad_sigma: Optional[float] = None,
     max_memory_gb: Optional[float] = None,
 ) -> str:
     """Register NIfTI pairs with a trained model, as the bundle's inference config does.
@@ -154,6 +165,10 @@ def register(
         refine_smooth_weight: refinement smoothness weight.
         refine_levels: the refinement's resolution divisors, coarse to fine, e.g. [4,2,1]; default [1] in 2D,
             [4,2,1] in 3D.
+        refine_downsample: the optimised field's resolution divisor at most (1, 2, 4 or 8); default 1 in 2D, 2 in
+            3D (1: a full-resolution field, slower, more accurate).
+        refine_grad_sigma: the Gaussian sigma (voxels of the optimised field) smoothing each refinement step's
+            gradient, which keeps the field from folding (0: none); default 2 in 2D, 1.5 in 3D.
         max_memory_gb: refuse pairs whose estimated peak memory exceeds this (default: the memory available).
     """
     options = {k: v for k, v in locals().items() if not (k in INFERRED and v is None)}

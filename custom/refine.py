@@ -7,6 +7,13 @@ optimised with Adam on the training loss (similarity of the warped moving image 
 ``smooth_weight`` times VoxelMorph's gradient penalty). A diffeomorphic network gives its own velocity; a
 displacement network's field ``u`` starts the velocity as ``v = u`` (``exp(v) = id + v`` to first order).
 
+Each step's gradient is smoothed by a Gaussian (``grad_sigma`` voxels of the optimised grid) before Adam uses it,
+as FireANTs and ANTs' SyN smooth their updates: Adam scales every voxel's step by that voxel's own gradient
+history, so an unsmoothed gradient lets single voxels run ahead of their neighbours, and the field folds. On real
+OASIS pairs a sigma of 1.5 (the 3D default) took the folding voxels from about 0.09% to about 0.0001% and raised
+Dice (0.790 -> 0.796); the smoother field also stops earlier. In 2D (inter-subject OASIS slices) a sigma of 2 keeps
+every pair under 0.01% folding voxels (0.013% without) at the same Dice.
+
 Coarse to fine: the optimisation runs on a pyramid of ``levels`` (resolution divisors, coarse first): at each
 level the images are area-downsampled, the LNCC window shrinks with the level (9 voxels at full resolution, 5 at
 half, 3 at a quarter: the same physical size), the field starts from the coarser level's (upsampled) and at most
@@ -33,6 +40,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer
+from monai.networks.layers.convutils import gaussian_1d
+from monai.networks.layers.simplelayers import separable_filtering
 from torch import nn
 
 from custom.affine import after_affine
@@ -44,14 +53,19 @@ from custom.warp import SpatialTransformer, VelocityIntegration
 __all__ = ["DEFAULTS", "RefineOptions", "RefiningInferer", "RegistrationInferer", "refine", "resize_field"]
 
 DEFAULTS = {
-    2: {"steps": (10,), "levels": (1,), "downsample": 1, "integration_steps": 7},
-    3: {"steps": (60, 10, 5), "levels": (4, 2, 1), "downsample": 2, "integration_steps": 3},
+    2: {"steps": (10,), "levels": (1,), "downsample": 1, "integration_steps": 7, "grad_sigma": 2.0},
+    3: {"steps": (60, 10, 5), "levels": (4, 2, 1), "downsample": 2, "integration_steps": 3, "grad_sigma": 1.5},
 }
 """The per-dimensionality defaults of the options left ``None``: steps per level, the pyramid, the optimised
-field's resolution and the scaling-and-squaring steps."""
+field's resolution, the scaling-and-squaring steps and the gradient's smoothing."""
 
 LEVELS = (1, 2, 4, 8)
-_DIMS_DEFAULTS = ("downsample", "integration_steps")
+_DIMS_DEFAULTS = ("downsample", "integration_steps", "grad_sigma")
+
+FULL_SMOOTHING_SIZE = 40
+"""``grad_sigma`` holds on grids of at least this many voxels along every axis (a quarter-resolution OASIS volume
+has 40 to 56); a smaller grid gets a proportionally smaller sigma, so that the smoothing spans the same share of
+the image instead of averaging a small image's whole gradient into one translation."""
 
 SLAB_VOXELS = 1 << 20
 """A level's similarity is computed and back-propagated in slabs of about this many voxels along the last axis.
@@ -79,6 +93,8 @@ class RefineOptions:
         tolerance: a level stops when its loss improved by less than this fraction over ``patience`` steps (0:
             never early).
         patience: steps over which the improvement is measured.
+        grad_sigma: the Gaussian (sigma in voxels of the optimised grid) that smooths each step's gradient before
+            Adam uses it (0: none); ``None``: the dimensionality's default.
 
     Raises:
         ValueError: for an option of the wrong type or out of range (one message naming the option).
@@ -93,6 +109,7 @@ class RefineOptions:
     downsample: Optional[int] = None
     tolerance: float = 1e-3
     patience: int = 5
+    grad_sigma: Optional[float] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, (list, tuple)):
@@ -117,6 +134,8 @@ class RefineOptions:
             raise ValueError(f"refine_downsample must be one of {list(LEVELS)} or null, got {self.downsample!r}.")
         check_number("refine_tolerance", self.tolerance, positive=False)
         check_integer("refine_patience", self.patience, 1)
+        if self.grad_sigma is not None:
+            check_number("refine_grad_sigma", self.grad_sigma, positive=False)
 
     def for_dims(self, spatial_dims: int) -> "RefineOptions":
         """These options with the ``None`` ones set to the defaults of ``spatial_dims`` and ``steps`` one count per
@@ -187,13 +206,17 @@ class _LevelLoss:
 
 
 def _optimise(param: nn.Parameter, loss_of, steps: int, options: RefineOptions, bar) -> Tuple[int, float]:
-    """Adam for at most ``steps`` steps, stopping on a plateau; ``loss_of(param)`` back-propagates and returns the
-    loss. Returns (steps taken, last loss)."""
+    """Adam on the smoothed gradient for at most ``steps`` steps, stopping on a plateau; ``loss_of(param)``
+    back-propagates and returns the loss. Returns (steps taken, last loss)."""
     optimizer = torch.optim.Adam([param], lr=options.lr)
+    sigma = options.grad_sigma * min(1.0, min(param.shape[2:]) / FULL_SMOOTHING_SIZE)
+    kernel = gaussian_1d(torch.tensor(sigma), truncated=3.0).to(param) if sigma > 0 else None
     best, since, loss_value = math.inf, 0, math.nan
     for step in range(1, steps + 1):
         optimizer.zero_grad(set_to_none=True)
         loss_value = loss_of(param)
+        if kernel is not None:  # edges replicated: a coarse level's small grid keeps its gradient's size
+            param.grad = separable_filtering(param.grad, [kernel] * (param.dim() - 2), mode="replicate")
         optimizer.step()
         if bar is not None:
             bar.update(1)
@@ -287,9 +310,9 @@ class RefiningInferer(Inferer):
     forward pass) unless ``steps`` is 0.
 
     Args:
-        steps, lr, smooth_weight, similarity, integration_steps, levels, downsample, tolerance, patience: the
-            :class:`RefineOptions` (``integration_steps > 0`` starts from a diffeomorphic network's own velocity,
-            ``network.velocity``, otherwise from the network's displacement).
+        steps, lr, smooth_weight, similarity, integration_steps, levels, downsample, tolerance, patience,
+            grad_sigma: the :class:`RefineOptions` (``integration_steps > 0`` starts from a diffeomorphic network's
+            own velocity, ``network.velocity``, otherwise from the network's displacement).
         progress: show a progress bar per pair.
         deformable: False: no deformable stage, a zero field (``register --deformable False``: the affine stage
             alone).
@@ -312,6 +335,7 @@ class RefiningInferer(Inferer):
         downsample: Optional[int] = None,
         tolerance: float = 1e-3,
         patience: int = 5,
+        grad_sigma: Optional[float] = None,
         progress: bool = False,
         deformable: bool = True,
         affine: bool = False,
@@ -321,7 +345,7 @@ class RefiningInferer(Inferer):
         levels = tuple(levels) if isinstance(levels, (list, tuple)) else levels
         steps = tuple(steps) if isinstance(steps, (list, tuple)) else steps
         self.options = RefineOptions(
-            steps, lr, smooth_weight, similarity, integration_steps, levels, downsample, tolerance, patience
+            steps, lr, smooth_weight, similarity, integration_steps, levels, downsample, tolerance, patience, grad_sigma
         )
         self.progress = progress
         self.history: List[dict] = []
