@@ -441,6 +441,9 @@ def test_warm_runs_are_processes_of_their_own(tmp_path):
     cold = subprocess.run(bad, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert (warm.returncode, warm.stdout, warm.stderr) == (cold.returncode, cold.stdout, cold.stderr)
     assert warm.returncode == 2 and "missing.nii.gz" in warm.stderr
+    (tmp_path / "probe.py").write_text("import os\nprint(os.getcwd(), os.environ['PROBE'])\n")
+    probe = run_python([sys.executable, "-m", "probe"], tmp_path, {**env, "PROBE": "mine"})  # found in its cwd
+    assert probe.returncode == 0 and probe.stdout.split() == [str(tmp_path), "mine"], probe.stderr
     made = run_python(
         [sys.executable, "-m", "custom", "make-demo", "d", "--num_subjects", "2", "--shape", "[8,8,8]"], tmp_path, env
     )

@@ -44,6 +44,7 @@ def _exit_code(error: SystemExit) -> int:
 def _child(request: dict) -> None:
     """Become the requested process: run the module as ``__main__`` and exit with its status."""
     os.chdir(request["cwd"])
+    sys.path[0] = os.getcwd()  # as ``python -m`` puts it first: the server's own folder otherwise
     os.environ.clear()
     os.environ.update(request["env"])
     for fd, path, flags in (
