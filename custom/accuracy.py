@@ -105,6 +105,8 @@ def run_accuracy(
     pairs_per_subject: int = 2,
     max_displacement: float = 4.0,
     subject_pairs: int = 3,
+    subject_rows: Union[str, Sequence[str]] = ("affine", "network", "defaults", "accurate"),
+    pair_subjects: Union[str, Sequence[str]] = (),
 ) -> Path:
     """Train, register held-out pairs with every method, print the table and write it to
     ``<output_dir>/accuracy.md`` (the path returned) with every pair's row in ``results.json``. In 3D no network is
@@ -145,6 +147,11 @@ def run_accuracy(
         subject_pairs: 3D: pairs of real, different subjects per section (aligned -> aligned, and native ->
             aligned where subjects have their native norm.nii.gz), each tool run whole from the files
             (custom.accuracy_subjects); 0: none.
+        subject_rows: 3D: our rows of the real subject pairs, any of affine (the affine stage alone), network
+            (the network alone after it), defaults (register's) and accurate (comma-separated or a list); with
+            model_path, they use that model.
+        pair_subjects: 3D: the subject folders the real pairs are made of (e.g. those held out from the model's
+            training; comma-separated or a list); default every subject.
     """
     options = SimpleNamespace(**locals())
     if check_spatial_dims(spatial_dims) == 3:
@@ -216,6 +223,8 @@ def _run_volumes(o: SimpleNamespace) -> Path:
         o.threads,
         o.seed,
         o.subject_pairs,
+        o.subject_rows,
+        o.pair_subjects,
     )
 
 

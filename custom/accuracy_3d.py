@@ -174,6 +174,8 @@ def run_volume_accuracy(
     threads: int = 2,
     seed: int = 0,
     subject_pairs: int = 3,
+    subject_rows: Union[str, Sequence[str]] = ("affine", "network", "defaults", "accurate"),
+    pair_subjects: Union[str, Sequence[str]] = (),
 ) -> Path:
     """The 3D benchmark: write ``<output_dir>/accuracy.md`` and ``results.json`` and print the table.
 
@@ -195,7 +197,7 @@ def run_volume_accuracy(
     options = {k: v for k, v in (refine_options or {}).items() if v is not None}
     for n in steps:
         RefineOptions(**{**options, "steps": n}).for_dims(3)
-    model_path = model_path or pretrained_path(bundle_dir(), 3, variant)
+    given_model, model_path = model_path, model_path or pretrained_path(bundle_dir(), 3, variant)
     known, root = pairs_per_subject > 0, ensure_dataset(dataset_dir)  # checked before anything is written
     pairs = (
         _pairs(root, as_list(test_subjects), image, label, pairs_per_subject, max_displacement, seed) if known else []
@@ -211,7 +213,18 @@ def run_volume_accuracy(
                 f"## Known deformations: {len(pairs)} pairs (velocity std {max_displacement} voxels) of the labelled "
                 "subjects\n\n"
             )
-        sections = run_subject_pairs(root, subject_pairs, "auto", as_list(peers), threads, seed, Path(work))
+        sections = run_subject_pairs(
+            root,
+            subject_pairs,
+            "auto",
+            as_list(peers),
+            threads,
+            seed,
+            Path(work),
+            as_list(pair_subjects),
+            as_list(subject_rows),
+            given_model,
+        )
     return write_report(out, header, results, per_pair, volumes=True, sections=sections)
 
 

@@ -37,7 +37,7 @@ from custom.affine import grid_coordinates, voxel_map
 from custom.methods import ants_available
 from custom.warp import sample_at
 
-__all__ = ["SECTIONS", "find_subject_pairs", "run_subject_pairs", "targets"]
+__all__ = ["ROW_KEYS", "SECTIONS", "find_subject_pairs", "run_subject_pairs", "targets"]
 
 SECTIONS = {"aligned -> aligned": ("aligned_norm", "aligned_{}"), "native -> aligned": ("norm", "{}")}
 """Each section's moving image and label file (``{}``: the label, e.g. ``seg35``); the fixed ones are always
@@ -55,6 +55,8 @@ OURS = {
     ACCURATE_ROW: ACCURATE,
 }
 """Our rows: ``python -m custom register`` with these options (and ``--jacobian True``)."""
+ROW_KEYS = dict(zip(("affine", "network", "defaults", "accurate"), OURS))
+"""The short names of our rows (``--subject_rows``)."""
 MAX_FOLDING_PERCENT, MAX_RSS_GIB, MIN_ACCURATE_GAIN = 0.01, 2.0, 0.02
 """The targets :func:`targets` checks: % folding voxels on every pair, peak RSS of every run, the accurate
 setting's Dice over the defaults'."""
@@ -65,11 +67,14 @@ def _fixed_files(folder: Path, label: str) -> Tuple[Path, Path]:
     return folder / "aligned_norm.nii.gz", folder / f"aligned_{label}.nii.gz"
 
 
-def find_subject_pairs(root: str, count: int, label: str = "auto") -> Dict[str, List[dict]]:
+def find_subject_pairs(
+    root: str, count: int, label: str = "auto", subjects: Sequence[str] = ()
+) -> Dict[str, List[dict]]:
     """The pairs of each section (:data:`SECTIONS`) that ``root``'s subjects allow.
 
     Args:
         root: a neurite-OASIS-style folder.
+        subjects: only these subject folders (e.g. subjects held out from training); default every one.
         count: pairs per section at most: subject ``2i`` to subject ``2i + 1`` of the sorted subjects (then
             ``2i + 1`` to ``2i + 2``, ... when there are too few for disjoint pairs).
         label: the label map's name without ``aligned_`` (``seg35``), or ``"auto"`` (:data:`LABELS`).
@@ -77,8 +82,15 @@ def find_subject_pairs(root: str, count: int, label: str = "auto") -> Dict[str, 
     Returns:
         Section name -> pairs with ``moving``, ``moving_label``, ``fixed``, ``fixed_label`` (paths) and
         ``moving_id``, ``fixed_id``; a section without any pair is left out.
+
+    Raises:
+        ValueError: for a named subject that is not a folder of ``root``.
     """
     folders = sorted(p for p in Path(root).iterdir() if p.is_dir())
+    unknown = sorted(set(subjects) - {f.name for f in folders})
+    if unknown:
+        raise ValueError(f"subjects {unknown} are not folders of {root!r} (have {[f.name for f in folders][:6]}).")
+    folders = [f for f in folders if f.name in subjects] if subjects else folders
     for name in LABELS if label == "auto" else (label,):
         subjects = [f for f in folders if all(path.is_file() for path in _fixed_files(f, name))]
         if len(subjects) >= 2:
@@ -198,10 +210,20 @@ def targets(summary: Dict[str, dict], per_pair: Dict[str, List[dict]]) -> List[s
     return [f"- {'met' if ok else 'NOT MET'}: {text}" for ok, text in checks]
 
 
-def _rows(peers: Sequence[str], seed: int) -> Dict[str, Optional[tuple]]:
-    """The methods: name -> (kind, options), None for no registration."""
+def _rows(
+    peers: Sequence[str], seed: int, ours: Sequence[str] = tuple(ROW_KEYS), model_path: Optional[str] = None
+) -> Dict[str, Optional[tuple]]:
+    """The methods: name -> (kind, options), None for no registration.
+
+    Raises:
+        ValueError: for an unknown short name in ``ours``.
+    """
+    unknown = sorted(set(ours) - set(ROW_KEYS))
+    if unknown:
+        raise ValueError(f"subject_rows must be among {list(ROW_KEYS)}, got {unknown}.")
+    model = ["--model_path", str(model_path)] if model_path else []
     rows: Dict[str, Optional[tuple]] = {NO_REGISTRATION_ROW: None}
-    rows.update({name: ("ours", options) for name, options in OURS.items()})
+    rows.update({ROW_KEYS[key]: ("ours", OURS[ROW_KEYS[key]] + model) for key in ROW_KEYS if key in ours})
     if "ants" in peers:
         if ants_available():
             rows[ANTS_ROW] = ("ants", ["SyN", str(seed)])
@@ -211,18 +233,28 @@ def _rows(peers: Sequence[str], seed: int) -> Dict[str, Optional[tuple]]:
 
 
 def run_subject_pairs(
-    root: str, count: int, label: str, peers: Sequence[str], threads: int, seed: int, work: Path
+    root: str,
+    count: int,
+    label: str,
+    peers: Sequence[str],
+    threads: int,
+    seed: int,
+    work: Path,
+    subjects: Sequence[str] = (),
+    ours: Sequence[str] = tuple(ROW_KEYS),
+    model_path: Optional[str] = None,
 ) -> Dict[str, dict]:
-    """Register the pairs of every section (:func:`find_subject_pairs`) with every method, one process each.
+    """Register the pairs of every section (:func:`find_subject_pairs` of ``subjects``) with every method, one
+    process each: our rows ``ours`` (short names, :data:`ROW_KEYS`) with ``model_path`` (default the shipped model).
 
     Returns:
         Section name -> ``{"summary": method -> summary, "pairs": method -> rows}``; empty when ``root``'s subjects
         give no pair.
     """
-    sections = find_subject_pairs(root, count, label)
+    rows = _rows(peers, seed, ours, model_path)
+    sections = find_subject_pairs(root, count, label, subjects)
     if not sections:
         print(f"no real subject pairs: {root} has fewer than 2 subjects with aligned_norm and a label map", flush=True)
-    rows = _rows(peers, seed)
     results = {}
     for section, pairs in sections.items():
         names = ", ".join(f"{p['moving_id']} -> {p['fixed_id']}" for p in pairs)

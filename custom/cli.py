@@ -46,6 +46,7 @@ SPLIT_OPTIONS = (
     "atlas",
     "num_val",
     "num_test",
+    "val_subjects",
     "seed",
 )
 """The model, split and data options of ``evaluate`` that ``plot`` takes too (the training run's)."""
@@ -191,6 +192,7 @@ def evaluate(
     atlas: Optional[str] = None,
     num_val: float = 0.2,
     num_test: float = 0.2,
+    val_subjects: Optional[Sequence[str]] = None,
     seed: int = 0,
     affine: bool = True,
     output_dir: str = "runs/evaluate",
@@ -212,6 +214,8 @@ def evaluate(
         atlas: the fixed subject for pair_strategy atlas.
         num_val: validation subjects (fraction or count), as in training.
         num_test: test subjects (fraction or count), as in training.
+        val_subjects: the validation subjects by name, as in training (e.g. those a model was held out from:
+            --split val --val_subjects [...]); the test split is then empty.
         seed: the split seed, as in training.
         affine: run the affine stage before the deformable one on each pair (custom.affine.after_affine); the
             metrics are those of the composed transform. False: the network (+ refinement) alone.

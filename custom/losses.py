@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+from monai.losses import DiceLoss
 from torch import nn
 
 from custom.spatial import check_spatial_dims
@@ -19,7 +20,9 @@ __all__ = [
     "LocalNCCLoss",
     "MSELoss",
     "GradLoss",
+    "LabelDiceLoss",
     "PairLoss",
+    "soft_one_hot",
     "box_sum",
     "check_similarity",
     "similarity_name",
@@ -256,27 +259,118 @@ def check_similarity(similarity: str) -> str:
     return similarity
 
 
+def soft_one_hot(labels: torch.Tensor, classes: int, factor: int = 1) -> torch.Tensor:
+    """The fraction of each ``factor``-sized block of voxels that holds each label: a one-hot encoding for
+    ``factor`` 1, and its block average (``avg_pool`` of the one-hot) for ``factor`` > 1, computed without the
+    full-size one-hot (35 labels of a 160x192x224 volume would take 1 GB).
+
+    Args:
+        labels: ``(B, 1, *S)`` integer labels in ``[0, classes)`` (any dtype holding integers).
+        classes: the number of labels.
+        factor: the block size along each axis; ``S`` is padded with background to a multiple of it.
+
+    Returns:
+        ``(B, classes, *ceil(S / factor))`` float32.
+    """
+    x = labels.round().long()[:, 0]
+    x = F.pad(x, [p for n in reversed(x.shape[1:]) for p in (0, -n % factor)])
+    coarse = [n // factor for n in x.shape[1:]]
+    nd = len(coarse)
+    blocks = x.reshape(x.shape[0], *[k for c in coarse for k in (c, factor)])
+    blocks = blocks.permute(0, *range(1, 2 * nd, 2), *range(2, 2 * nd + 1, 2)).reshape(x.shape[0], -1, factor**nd)
+    out = torch.zeros(x.shape[0], blocks.shape[1], classes, device=labels.device)
+    out.scatter_add_(2, blocks, torch.full(blocks.shape, 1.0 / factor**nd, device=labels.device))
+    return out.transpose(1, 2).reshape(x.shape[0], classes, *coarse)
+
+
+class LabelDiceLoss(nn.Module):
+    """Soft Dice loss of the moving label map warped by a displacement against the fixed label map: VoxelMorph's
+    semi-supervised (auxiliary) loss. Each map is one-hot encoded over the labels ``0..max`` of the pair
+    (:func:`soft_one_hot`), the moving one is warped linearly (so the loss has a gradient), and MONAI's
+    ``DiceLoss`` scores every non-background channel; a label absent from both maps scores 0 loss.
+
+    Args:
+        downsample: score on a grid this many times coarser along each axis (block-averaged one-hot maps, the
+            displacement averaged and scaled alike): 2 makes a 3D volume's 35-label loss 8 times cheaper.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per item and label).
+
+    Raises:
+        ValueError: for an unknown reduction or a downsampling factor below 1.
+    """
+
+    def __init__(self, downsample: int = 1, reduction: str = "mean") -> None:
+        super().__init__()
+        if int(downsample) != downsample or downsample < 1:
+            raise ValueError(f"downsample must be an integer >= 1, got {downsample!r}.")
+        self.downsample = int(downsample)
+        self.dice = DiceLoss(include_background=False, reduction=_check_reduction(reduction))
+        self.transformer = SpatialTransformer()
+
+    def forward(self, ddf: torch.Tensor, moving_label: torch.Tensor, fixed_label: torch.Tensor) -> torch.Tensor:
+        """Compute the loss.
+
+        Args:
+            ddf: ``(B, spatial_dims, *S)`` displacement, in voxels.
+            moving_label: ``(B, 1, *S)`` integer labels (any dtype holding integers).
+            fixed_label: ``(B, 1, *S)`` integer labels.
+
+        Returns:
+            The loss (in ``[0, 1]``; 0 for identical maps and an identity displacement).
+
+        Raises:
+            ValueError: when the label maps' shapes differ from each other or from the displacement's.
+        """
+        if moving_label.shape != fixed_label.shape or moving_label.shape[2:] != ddf.shape[2:]:
+            raise ValueError(
+                f"label maps must be (B, 1, *S) like the displacement {list(ddf.shape)}, got "
+                f"{list(moving_label.shape)} and {list(fixed_label.shape)}."
+            )
+        f = self.downsample
+        classes = int(torch.maximum(moving_label.max(), fixed_label.max()).round()) + 1
+        moving, fixed = (soft_one_hot(x, classes, f) for x in (moving_label, fixed_label))
+        if f > 1:
+            pool = F.avg_pool2d if ddf.ndim == 4 else F.avg_pool3d
+            ddf = pool(ddf, f, ceil_mode=True) / f
+        return self.dice(self.transformer(moving, ddf.to(moving.dtype)), fixed)
+
+
 class PairLoss(nn.Module):
-    """Unsupervised registration loss ``similarity(warp(moving, ddf), fixed) + smooth_weight * Grad(ddf)``,
-    computed in float32 also under mixed precision (autocast is disabled inside).
+    """Registration loss ``similarity(warp(moving, ddf), fixed) + smooth_weight * Grad(ddf)`` (unsupervised), plus
+    ``label_weight * LabelDiceLoss`` when the pairs carry label maps (semi-supervised; the labels are never an input
+    of the network), computed in float32 also under mixed precision (autocast is disabled inside).
 
     Args:
         spatial_dims: 2 or 3.
         similarity: ``"lncc"`` (local NCC, window ``kernel_size``) or ``"mse"``.
         smooth_weight: weight of the smoothness penalty (VoxelMorph: 1.0 for NCC, 0.01 for MSE).
         kernel_size: LNCC window.
+        label_weight: weight of the Dice loss of the warped moving labels (VoxelMorph's semi-supervised setting
+            used 0.01 with MSE; with LNCC about 1); 0 ignores any labels.
+        label_downsample: the grid of the label loss (:class:`LabelDiceLoss`); default 2 in 3D, 1 in 2D.
 
     Raises:
-        ValueError: for an unknown similarity.
+        ValueError: for an unknown similarity or a negative label weight.
     """
 
-    def __init__(self, spatial_dims: int, similarity: str = "lncc", smooth_weight: float = 1.0, kernel_size: int = 9):
+    def __init__(
+        self,
+        spatial_dims: int,
+        similarity: str = "lncc",
+        smooth_weight: float = 1.0,
+        kernel_size: int = 9,
+        label_weight: float = 0.0,
+        label_downsample: Optional[int] = None,
+    ):
         super().__init__()
         spatial_dims = check_spatial_dims(spatial_dims)
         check_similarity(similarity)
+        if not label_weight >= 0:
+            raise ValueError(f"label_weight must be >= 0, got {label_weight!r}.")
         self.similarity = LocalNCCLoss(spatial_dims, kernel_size) if similarity == "lncc" else MSELoss()
         self.smoothness = GradLoss("l2")
         self.smooth_weight = float(smooth_weight)
+        self.label_weight = float(label_weight)
+        self.labels = LabelDiceLoss(label_downsample or (2 if spatial_dims == 3 else 1))
         self.transformer = SpatialTransformer()
 
     def forward(self, ddf: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
@@ -284,16 +378,28 @@ class PairLoss(nn.Module):
 
         Args:
             ddf: ``(B, spatial_dims, *S)`` predicted displacement.
-            pair: ``(B, 2, *S)``; channel 0 moving, channel 1 fixed.
+            pair: ``(B, 2, *S)``: channel 0 moving, channel 1 fixed; or ``(B, 4, *S)`` with the moving and fixed
+                label maps in channels 2 and 3 (:func:`custom.workflow.prepare_labelled_pair_batch`).
 
         Returns:
             The scalar loss.
+
+        Raises:
+            ValueError: when ``label_weight`` > 0 and ``pair`` carries no label maps.
         """
+        if self.label_weight > 0 and pair.shape[1] != 4:
+            raise ValueError(
+                f"label_weight {self.label_weight} needs (moving, fixed, moving_label, fixed_label) channels, got "
+                f"{pair.shape[1]} channels: train with labels (prepare_labelled_pair_batch)."
+            )
         # in float32 even inside autocast (amp): half-precision box sums make LNCC 0/0 in zero backgrounds
         with torch.autocast(device_type=ddf.device.type, enabled=False):
             ddf, pair = ddf.float(), pair.float()
             warped = self.transformer(pair[:, :1], ddf)
-            return self.similarity(warped, pair[:, 1:]) + self.smooth_weight * self.smoothness(ddf)
+            loss = self.similarity(warped, pair[:, 1:2]) + self.smooth_weight * self.smoothness(ddf)
+            if self.label_weight > 0:
+                loss = loss + self.label_weight * self.labels(ddf, pair[:, 2:3], pair[:, 3:4])
+            return loss
 
 
 def similarity_name(similarity: str, loss: Optional[str] = None) -> str:

@@ -79,18 +79,42 @@ def bundle_workflow(configs: Sequence[str], run_id: str, overrides: dict):
     return ConfigWorkflow(paths, meta_file=meta, logging_file=False, run_id=run_id, **overrides)
 
 
-def train_run(overrides: dict, max_minutes: Optional[float], max_steps: Optional[int] = None) -> dict:
+def train_run(
+    overrides: dict, max_minutes: Optional[float], max_steps: Optional[int] = None, validate_ends: bool = False
+) -> dict:
     """Train one run, for at most ``max_minutes`` of wall clock and ``max_steps`` iterations.
+
+    Args:
+        overrides: ``train.json`` overrides.
+        max_minutes: wall-clock budget.
+        max_steps: iteration budget.
+        validate_ends: validate the starting weights before the first step, and the last weights after the last
+            step when it came after the last validation (the learning curve's ends; the best model is chosen
+            among them too).
 
     Returns:
         ``train_s`` (the run's wall time), ``step_s`` (mean seconds per iteration after the first), ``curve`` (the
-        mean loss of each epoch), ``epochs``, ``iterations``, and per epoch ``epoch_s`` (wall seconds, the
-        validation that ends it included) and ``epoch_step_s`` (the seconds of its training iterations).
+        mean loss of each epoch), ``epochs``, ``iterations``, per epoch ``epoch_s`` (wall seconds, the
+        validation that ends it included) and ``epoch_step_s`` (the seconds of its training iterations), and
+        ``validation``: ``(hours since the start, metrics)`` of each validation.
     """
     workflow = bundle_workflow(["train.json"], "training", overrides)
     workflow.initialize()
     trainer = workflow.parser.get_parsed_content("train#trainer")
-    record = {"step_s": [], "losses": [], "curve": [], "epoch_s": [], "epoch_step_s": []}
+    validator = workflow.parser.get_parsed_content("validate#evaluator")
+    record = {"step_s": [], "losses": [], "curve": [], "epoch_s": [], "epoch_step_s": [], "validation": []}
+    begin, validated = time.perf_counter(), {"iteration": -1}
+
+    def _validated(engine):
+        record["validation"].append(((time.perf_counter() - begin) / 3600, dict(engine.state.metrics)))
+        validated["iteration"] = trainer.state.iteration
+
+    validator.add_event_handler(Events.COMPLETED, _validated)
+    if validate_ends:
+        trainer.add_event_handler(Events.STARTED, lambda e: validator.run(e.state.epoch + 1))
+        trainer.add_event_handler(
+            Events.COMPLETED, lambda e: validated["iteration"] == e.state.iteration or validator.run(e.state.epoch + 1)
+        )
     started = {"step": 0.0, "epoch": 0.0, "steps": 0}
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: started.update(step=time.perf_counter()))
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: started.update(epoch=time.perf_counter(), steps=0))
@@ -125,6 +149,7 @@ def train_run(overrides: dict, max_minutes: Optional[float], max_steps: Optional
         "iterations": trainer.state.iteration,
         "epoch_s": record["epoch_s"],
         "epoch_step_s": record["epoch_step_s"],
+        "validation": record["validation"],
     }
 
 

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import re
 import statistics
@@ -29,7 +30,7 @@ from monai.handlers import from_engine
 from custom.atomic import atomic_write_text
 from custom.errors import as_bool, check_integer, check_number
 from custom.losses import LocalNCCLoss
-from custom.metrics import jacobian_determinant, pair_metrics, summarize
+from custom.metrics import dice_per_label, jacobian_determinant, pair_metrics, summarize
 from custom.spatial import check_spatial_dims
 from custom.warp import SpatialTransformer
 
@@ -40,10 +41,13 @@ __all__ = [
     "enable_resume",
     "iteration_loss",
     "PairMetricsWriter",
+    "WarpedDice",
     "WarpedNCC",
     "decollated",
     "latest_checkpoint",
+    "prepare_labelled_pair_batch",
     "prepare_pair_batch",
+    "validation_metric",
 ]
 
 
@@ -52,6 +56,27 @@ def prepare_pair_batch(batchdata: dict, device: Optional[Union[str, torch.device
     pair = torch.cat([batchdata["moving"], batchdata["fixed"]], dim=1)
     pair = torch.as_tensor(pair).to(device=device, non_blocking=non_blocking)
     return pair, pair
+
+
+def prepare_labelled_pair_batch(
+    batchdata: dict, device: Optional[Union[str, torch.device]] = None, non_blocking=False, **_
+):
+    """``prepare_batch`` for pairs with label maps: ``(pair, target)``, ``pair = cat([moving, fixed])``
+    ``(B, 2, *S)`` (the network's input: never the labels), ``target = cat([moving, fixed, moving_label,
+    fixed_label])`` ``(B, 4, *S)`` for :class:`custom.losses.PairLoss` with ``label_weight`` and :class:`WarpedDice`.
+
+    Raises:
+        ValueError: when the batch has no label maps.
+    """
+    if "moving_label" not in batchdata or "fixed_label" not in batchdata:
+        raise ValueError(
+            f"the pairs carry no label maps (keys {sorted(batchdata)}): give the dataset a label file (--label) "
+            "or set label_weight 0 and val_metric 'ncc'."
+        )
+    pair, _ = prepare_pair_batch(batchdata, device, non_blocking)
+    labels = torch.cat([batchdata["moving_label"], batchdata["fixed_label"]], dim=1)
+    labels = torch.as_tensor(labels).to(device=device, dtype=pair.dtype, non_blocking=non_blocking)
+    return pair, torch.cat([pair, labels], dim=1)
 
 
 def iteration_loss(engine: Engine) -> float:
@@ -114,7 +139,38 @@ def _stack(values) -> torch.Tensor:
     return torch.as_tensor(values).float()
 
 
-class WarpedNCC(Metric):
+class _PairMean(Metric):
+    """Ignite metric: the mean over an epoch's pairs of a per-pair score of the predicted field (:meth:`scores`);
+    sums are all-reduced across processes under ``torch.distributed``.
+
+    Args:
+        output_transform: maps the engine output to ``(ddf, target)``.
+    """
+
+    def __init__(self, output_transform=None):
+        super().__init__(output_transform=output_transform or from_engine(["pred", "label"]))
+
+    def scores(self, ddf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The ``(B,)`` scores of a batch."""
+        raise NotImplementedError
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self._sum = torch.tensor(0.0, dtype=torch.float64)
+        self._count = 0
+
+    @reinit__is_reduced
+    def update(self, output) -> None:
+        scores = self.scores(*(_stack(v) for v in output))
+        self._sum += scores.sum().double().cpu()
+        self._count += scores.numel()
+
+    @sync_all_reduce("_sum", "_count")
+    def compute(self) -> float:
+        return float(self._sum) / max(int(self._count), 1)
+
+
+class WarpedNCC(_PairMean):
     """Ignite metric: mean local NCC (positive, higher is better) of warped moving vs fixed over an epoch.
 
     Works under ``torch.distributed``: sums are all-reduced across processes.
@@ -128,23 +184,54 @@ class WarpedNCC(Metric):
     def __init__(self, spatial_dims: int, kernel_size: int = 9, output_transform=None):
         self.loss = LocalNCCLoss(spatial_dims, kernel_size, reduction="none")
         self.transformer = SpatialTransformer()
-        super().__init__(output_transform=output_transform or from_engine(["pred", "label"]))
+        super().__init__(output_transform)
 
-    @reinit__is_reduced
-    def reset(self) -> None:
-        self._sum = torch.tensor(0.0, dtype=torch.float64)
-        self._count = 0
+    def scores(self, ddf: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
+        return -self.loss(self.transformer(pair[:, :1], ddf), pair[:, 1:2]).flatten(1).mean(1)
 
-    @reinit__is_reduced
-    def update(self, output) -> None:
-        ddf, pair = (_stack(v) for v in output)
-        ncc = -self.loss(self.transformer(pair[:, :1], ddf), pair[:, 1:]).flatten(1).mean(1)
-        self._sum += ncc.sum().double().cpu()
-        self._count += ncc.numel()
 
-    @sync_all_reduce("_sum", "_count")
-    def compute(self) -> float:
-        return float(self._sum) / max(int(self._count), 1)
+class WarpedDice(_PairMean):
+    """Ignite metric: mean Dice (higher is better) of the moving label map warped (nearest) by the predicted field
+    against the fixed label map, over every non-zero label of each pair, averaged over the pairs of an epoch: the
+    validation score of training on labelled subjects (batches from :func:`prepare_labelled_pair_batch`).
+
+    Works under ``torch.distributed``: sums are all-reduced across processes.
+
+    Args:
+        output_transform: maps the engine output to ``(ddf, target)`` with ``target`` ``(B, 4, *S)``.
+    """
+
+    def __init__(self, output_transform=None):
+        self.transformer = SpatialTransformer("nearest")
+        super().__init__(output_transform)
+
+    def scores(self, ddf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.shape[1] != 4:
+            raise ValueError(f"WarpedDice needs (moving, fixed, moving_label, fixed_label), got {target.shape[1]}.")
+        warped = self.transformer(target[:, 2:3], ddf)
+        means = []
+        for pred, fixed in zip(warped, target[:, 3:4]):
+            dice = [v for v in dice_per_label(pred, fixed).values() if not math.isnan(v)]
+            means.append(statistics.fmean(dice) if dice else 0.0)
+        return torch.tensor(means, dtype=torch.float64)
+
+
+VALIDATION_METRICS = {"ncc": "mean local NCC (window 9)", "dice": "mean Dice over the labels"}
+
+
+def validation_metric(name: str, spatial_dims: int) -> Dict[str, Metric]:
+    """The validation's key metric for the configs: ``{"val_ncc": WarpedNCC}`` or ``{"val_dice": WarpedDice}``.
+
+    Args:
+        name: ``"ncc"`` (no labels needed) or ``"dice"`` (the validation pairs need label maps).
+        spatial_dims: 2 or 3.
+
+    Raises:
+        ValueError: for another name.
+    """
+    if name not in VALIDATION_METRICS:
+        raise ValueError(f"val_metric must be one of {sorted(VALIDATION_METRICS)}, got {name!r}.")
+    return {f"val_{name}": WarpedNCC(spatial_dims) if name == "ncc" else WarpedDice()}
 
 
 class _FixedNameSaver(DiskSaver):
@@ -368,8 +455,8 @@ class PairMetricsWriter:
                 row = {
                     "moving": item["moving_id"],
                     "fixed": item["fixed_id"],
-                    "lncc": float(-self.lncc(warped, pair[:, 1:]).mean()),
-                    "mse": float(((warped - pair[:, 1:]) ** 2).mean()),
+                    "lncc": float(-self.lncc(warped, pair[:, 1:2]).mean()),
+                    "mse": float(((warped - pair[:, 1:2]) ** 2).mean()),
                     **pair_metrics(jacobian_determinant(ddf), labels=self.labels, **labels),
                     "seconds": seconds / len(items),
                 }

@@ -9,6 +9,9 @@ def test_benchmark_writes_table(tmp_path):
     table = benchmark(shape=(32, 32), batch_size=2, repeats=1, variants="both", output=str(out), threads=1)
     assert "| both | 45,106 |" in table
     assert "monai VoxelMorph (steps=0)" in table and "LNCC (kernel 9)" in table
+    both = next(line for line in table.splitlines() if line.startswith("| both |")).split("|")
+    step_s, per_hour = float(both[5]), float(both[6].replace(",", ""))
+    assert per_hour == pytest.approx(3600 / step_s, rel=0.01, abs=1)  # the steps per hour a step's time allows
     assert out.read_text() == table
 
 

@@ -564,6 +564,23 @@ def test_short_amp_training_quiet_logs_epoch_length(tmp_path):
     assert state["trainer"]["iteration"] == 6 * 4 and state["trainer"]["epoch_length"] == 4
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_semi_supervised_augmented_training_validated_by_dice(tmp_path, spatial_dims):
+    """train.json with label_weight, augment, synth_mix, val_subjects and val_metric dice: labels reach the loss
+    (not the network), synthetic pairs join the real ones, and the best model is kept by the held-out Dice."""
+    ws = workspace(tmp_path / "ws", num_subjects=4)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "bundle/configs/train.json"]
+    cmd += ["--spatial_dims", str(spatial_dims), "--label_weight", "1.0", "--augment", "True", "--synth_mix", "2"]
+    cmd += ["--val_metric", "dice", "--val_subjects", "['OASIS_OAS1_0003_MR1','OASIS_OAS1_0004_MR1']"]
+    cmd += ["--num_test", "0", "--epochs", "2", "--batch_size", "2", "--ckpt_dir", "runs/models"]
+    proc = run(cmd, cwd=ws)
+    log = proc.stdout + proc.stderr
+    scores = [float(v) for v in re.findall(r"Metrics -- val_dice: ([\d.]+)", log)]
+    assert len(scores) == 2 and all(0 < v <= 1 for v in scores)
+    assert re.findall(r"epoch 1/2: train_loss", log)  # one summary per epoch: (2 real + 2 synthetic) / 2 steps
+    assert (ws / "runs" / "models" / "model.pt").is_file() and "val_ncc" not in log
+
+
 META_FORMAT = "_meta_#network_data_format"
 NET_IN_OUT = [
     # (spatial_dims, the declared size of "*", meta overrides): what verify_net_in_out exercises

@@ -3,6 +3,7 @@
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -188,7 +189,19 @@ def test_documented_cli_commands_run(ws, group):
         )
         extra += " --subject_pairs 0" if " accuracy --spatial_dims 3" in cmd else ""  # run by test_accuracy_3d_...
         extra += " --threads 1" if " benchmark" in cmd or " accuracy" in cmd else ""  # beside the other xdist worker
+        extra += f" --bundle_root {_bundle_copy(ws)} --max_steps 2 --minutes 2" if " pretrain " in cmd else ""
         cli(cmd.replace("python -m custom ", "").replace("../shared/data/oasis_labelled", "data/demo") + extra, ws)
+
+
+def _bundle_copy(ws):
+    """A copy of the shipped weights and their manifest, for pretraining commands to write into."""
+    root = ws / "pretrain_bundle"
+    if not root.is_dir():
+        (root / "models").mkdir(parents=True)
+        shutil.copy(REPO / "bundle" / "large_files.yml", root)
+        for weights in (REPO / "bundle" / "models").glob("pretrained_*.pt"):
+            shutil.copy(weights, root / "models")
+    return root
 
 
 def test_register_plot_evaluate(ws):

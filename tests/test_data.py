@@ -13,6 +13,7 @@ from warm_python import python_env, run_python
 
 from custom.data import (
     PAIR_STRATEGIES,
+    MixedPairs,
     StackSlicesd,
     SubjectFrames,
     build_pair_dataset,
@@ -22,6 +23,7 @@ from custom.data import (
     load_transforms,
     make_demo,
     make_pairs,
+    pair_augmentation,
     split_subjects,
 )
 
@@ -465,6 +467,8 @@ BAD_OPTIONS = [
     ({"cache_rate": 1.5}, "cache_rate must be in \\[0, 1\\], got 1.5"),  # a rate above 1
     ({"cache": "disk", "cache_dir": None}, "cache 'disk' needs a cache_dir"),  # disk without a folder
     ({"shard": [2, 2]}, "shard must be \\(rank, world_size\\) with 0 <= rank < world_size, got \\[2, 2\\]"),  # rank
+    ({"synth_mix": -1}, "synth_mix must be >= 0, got -1"),  # negative mix
+    ({"val_subjects": ["nobody"]}, "unknown subjects in the split lists: \\['nobody'\\]"),  # unknown held-out subject
 ]
 
 
@@ -640,3 +644,66 @@ def test_drop_trailing_axes_of_a_shape(shape, axes, expected):
     from custom.data.transforms import drop_trailing_axes
 
     assert drop_trailing_axes(shape, axes) == expected
+
+
+# --- training on real pairs: held-out subjects, labels, augmentation, synthetic pairs mixed in --------------
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_held_out_subjects_labels_augmentation_and_synthetic_mix(demo, spatial_dims):
+    names = sorted(s["subject"] for s in find_subjects(demo))
+    held = names[-2:]
+    options = dict(spatial_dims=spatial_dims, val_subjects=held, num_test=0, label="auto")
+    train = build_pair_dataset(demo, "train", train_labels=True, augment=True, synth_mix=3, **options)
+    val = build_pair_dataset(demo, "val", **options)
+    assert isinstance(train, MixedPairs) and len(train) == len(train.datasets[0]) + 3
+    real, synthetic = train.datasets
+    trained = {u["subject"] for u in real.frames.units}
+    assert trained == set(names[:-2]) and {u["subject"] for u in val.frames.units} == set(held)
+    for item in (train[0], train[len(train) - 1]):  # a real pair and a synthetic one, alike
+        assert set(item) == {"moving", "fixed", "moving_label", "fixed_label", "moving_id", "fixed_id"}
+        assert all(
+            type(item[k]) is torch.Tensor and item[k].shape[1:] == TINY[:spatial_dims] for k in item if "_id" not in k
+        )
+    assert train[len(train) - 1]["moving_id"].startswith("synthetic:")
+    unlabelled = build_pair_dataset(demo, "train", synth_mix=2, **options)
+    assert set(unlabelled[len(unlabelled) - 1]) == {"moving", "fixed", "moving_id", "fixed_id"}  # labels dropped
+    plain = build_pair_dataset(demo, "train", **options)
+    assert "moving_label" not in plain[0] and plain.transform is None  # the defaults: unsupervised, as before
+    first = [train[i]["moving_id"] for i in range(len(real))]
+    train.set_epoch(5)  # both parts re-drawn
+    assert synthetic.epoch == 5 and real.pairs == real._draw(real.seed + 5)
+    assert spatial_dims == 3 or [train[i]["moving_id"] for i in range(len(real))] != first
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_pair_augmentation_moves_labels_with_their_images(spatial_dims):
+    """Labels stay labels (nearest), follow their image (the moving label where the moving image is bright), the
+    fixed side is only flipped, and the same seed gives the same pair."""
+    shape = (1,) + (20,) * spatial_dims
+    image = torch.zeros(shape)
+    image[(0,) + (slice(5, 15),) * spatial_dims] = 1.0
+    labels = (image * 3).int()
+    item = {"moving": image.clone(), "fixed": image.clone(), "moving_label": labels, "fixed_label": labels}
+    results = []
+    for seed in range(6):
+        augment = pair_augmentation(spatial_dims)
+        augment.set_random_state(seed)
+        out = augment(dict(item))
+        assert set(torch.unique(out["moving_label"]).tolist()) <= {0.0, 3.0}
+        a, b = out["moving_label"] > 0, out["moving"] > 0.5  # equal but for interpolated edge voxels
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.9
+        assert torch.equal(out["fixed_label"] > 0, out["fixed"] > 0)
+        results.append(out["moving"])
+    assert any(not torch.equal(r, image) for r in results)  # it does augment
+    again = pair_augmentation(spatial_dims)
+    again.set_random_state(0)
+    assert torch.equal(again(dict(item))["moving"], results[0])
+
+
+def test_mixed_pairs_need_labels_in_every_part(demo):
+    labelled = build_pair_dataset(demo, "train", 2, train_labels=True, label="auto", num_val=2, num_test=0)
+    unlabelled = build_pair_dataset(demo, "train", 2, num_val=2, num_test=0)
+    mixed = MixedPairs([labelled, unlabelled], labels=True)
+    with pytest.raises(ValueError, match="has no \\['fixed_label', 'moving_label'\\]: every part needs label maps"):
+        mixed[len(mixed) - 1]

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from monai.losses import DiffusionLoss, LocalNormalizedCrossCorrelationLoss
 
 from custom import RegistrationNet
-from custom.losses import GradLoss, LocalNCCLoss, MSELoss, PairLoss, box_sum
+from custom.losses import GradLoss, LabelDiceLoss, LocalNCCLoss, MSELoss, PairLoss, box_sum, soft_one_hot
 
 
 def slow_box_sum(x, k):
@@ -118,6 +118,9 @@ BAD_LOSSES = [
     (lambda: LocalNCCLoss(2, reduction="max"), "reduction must be one of"),  # bad reduction
     (lambda: GradLoss("l3"), "penalty must be 'l1' or 'l2'"),  # bad penalty
     (lambda: GradLoss(differences="backward"), "differences must be 'forward' or 'central'"),  # bad scheme
+    (lambda: LabelDiceLoss(0), "downsample must be an integer >= 1, got 0"),  # no grid
+    (lambda: LabelDiceLoss(1.5), "downsample must be an integer >= 1, got 1.5"),  # fractional grid
+    (lambda: PairLoss(2, label_weight=-1.0), "label_weight must be >= 0, got -1.0"),  # negative weight
 ]
 
 
@@ -134,6 +137,8 @@ BAD_LOSS_INPUTS = [
     (MSELoss(), (torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 9)), "same shape"),  # mismatch
     (GradLoss(), (torch.zeros(1, 3, 8, 8),), "expected ddf of shape"),  # 3 components in 2D
     (GradLoss(differences="central"), (torch.zeros(1, 2, 2, 8),), "need every spatial size >= 3"),  # too small
+    (LabelDiceLoss(), (torch.zeros(1, 2, 8, 8), torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 9)), "like the"),  # sizes
+    (PairLoss(2, label_weight=1.0), (torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 8)), "got 2 channels"),  # no labels
 ]
 
 
@@ -197,3 +202,58 @@ def test_similarity_name_takes_the_deprecated_loss_key_with_a_warning():
     assert similarity_name("lncc") == "lncc" and similarity_name("mse", None) == "mse"
     with pytest.warns(FutureWarning, match="'loss' is deprecated .* use --similarity mse"):
         assert similarity_name("lncc", "mse") == "mse"
+
+
+def slow_soft_one_hot(labels, classes, factor):
+    """Reference: the full one-hot map, padded with background and block-averaged by MONAI-free pooling."""
+    x = labels.long()[:, 0]
+    pad = [p for n in reversed(x.shape[1:]) for p in (0, -n % factor)]
+    onehot = F.one_hot(F.pad(x, pad), classes).movedim(-1, 1).float()
+    pool = F.avg_pool2d if x.dim() == 3 else F.avg_pool3d
+    return pool(onehot, factor)
+
+
+@pytest.mark.parametrize(
+    "shape,classes,factor",
+    [
+        ((2, 1, 8, 6), 4, 1),  # 2D one-hot
+        ((2, 1, 8, 6), 4, 2),  # 2D blocks
+        ((1, 1, 7, 5), 3, 2),  # 2D, sizes not divisible: padded with background
+        ((1, 1, 6, 4, 8), 5, 2),  # 3D blocks
+        ((1, 1, 5, 7, 3), 6, 3),  # 3D, odd sizes and blocks of 3
+    ],
+)
+def test_soft_one_hot_against_full_one_hot(shape, classes, factor):
+    labels = torch.randint(0, classes, shape).float()
+    assert torch.allclose(soft_one_hot(labels, classes, factor), slow_soft_one_hot(labels, classes, factor))
+
+
+@pytest.mark.parametrize("nd,downsample", [(2, 1), (2, 2), (3, 1), (3, 2)])
+def test_label_dice_loss_analytic(nd, downsample):
+    """Identical maps and a zero field: 0; maps shifted by 2 voxels: the field that shifts them back scores 0,
+    the zero field does not, and the loss has a gradient with respect to the field."""
+    shape = (1, 1) + (16,) * nd
+    fixed = torch.zeros(shape)
+    fixed[(slice(None), slice(None)) + (slice(4, 10),) * nd] = 1
+    fixed[(slice(None), slice(None)) + (slice(10, 14),) * nd] = 2
+    loss = LabelDiceLoss(downsample)
+    zero = torch.zeros((1, nd) + (16,) * nd, requires_grad=True)
+    assert loss(zero, fixed, fixed).item() == pytest.approx(0.0, abs=1e-5)
+    moving = torch.roll(fixed, 2, dims=2)  # moving(x) = fixed(x - 2) along the first axis
+    shift = torch.zeros_like(zero)
+    shift[:, 0] = 2.0  # warped(x) = moving(x + 2) = fixed(x)
+    assert loss(shift, moving, fixed).item() == pytest.approx(0.0, abs=1e-5)
+    value = loss(zero, moving, fixed)
+    assert value.item() > 0.2
+    value.backward()
+    assert zero.grad.abs().sum() > 0
+
+
+def test_pair_loss_adds_the_weighted_label_dice():
+    image, labels = torch.rand(1, 1, 16, 16), torch.randint(0, 3, (1, 1, 16, 16)).float()
+    other = torch.roll(labels, 3, dims=3)
+    ddf = torch.zeros(1, 2, 16, 16)
+    pair = torch.cat([image, image, labels, other], 1)
+    unsupervised = PairLoss(2)(ddf, pair)  # label channels ignored
+    semi = PairLoss(2, label_weight=0.5)(ddf, pair)
+    assert semi.item() == pytest.approx(unsupervised.item() + 0.5 * LabelDiceLoss()(ddf, labels, other).item())

@@ -145,6 +145,48 @@ def test_pretrain_fine_tunes_the_shipped_file_with_a_loader_process(tiny_pretrai
     assert 0 < change < 0.01  # two small steps from the shipped weights, not a new initialisation
 
 
+def test_pretrain_on_real_pairs_records_subjects_held_out_dice_and_the_learning_curve(tmp_path, monkeypatch):
+    """``real``: trains on some subjects, validates by Dice on the others (before the first step and after the
+    last), and a continued run adds its hours and curve to the entry's."""
+    monkeypatch.chdir(tmp_path)
+    make_demo(tmp_path / "demo", num_subjects=5, shape=(24, 28, 20))
+    root = copy_bundle(tmp_path)
+    options = dict(real=True, dataset_dir="demo", label_weight=1.0, synth_pairs=2, batch_size=4, minutes=5)
+    options.update(
+        max_steps=2, output_dir="pre", bundle_root=str(root), val_subjects="OASIS_OAS1_0004_MR1,OASIS_OAS1_0005_MR1"
+    )
+    pretrain(2, **options)
+    entry = {e["path"]: e for e in read_manifest(root)}["models/pretrained_2d_both.pt"]
+    trained = ", ".join(f"OASIS_OAS1_000{i}_MR1" for i in (1, 2, 3))
+    assert f"subjects {trained}: inter-subject" in entry["data"]
+    held = "OASIS_OAS1_0004_MR1, OASIS_OAS1_0005_MR1"
+    assert entry["data"].endswith(f"held out (validation Dice over the aligned_seg4 labels): {held}")
+    assert "label Dice loss weight 1.0 (aligned_seg4)" in entry["data"] and "plus 2 synthetic pairs" in entry["data"]
+    curve = entry["learning_curve"]
+    assert len(curve) == 2 and 0 < curve[0][1] <= 1 and entry["held_out_dice"] == max(d for _, d in curve)
+    assert curve[0][0] <= curve[1][0] <= entry["hours"] and "started_from" not in entry
+    shutil.rmtree(tmp_path / "pre")
+    pretrain(2, **options, from_shipped=True)
+    again = {e["path"]: e for e in read_manifest(root)}["models/pretrained_2d_both.pt"]
+    assert again["started_from"] == entry["hash_val"] and again["learning_curve"][:2] == curve
+    assert len(again["learning_curve"]) == 4 and again["hours"] > entry["hours"]
+
+
+@pytest.mark.parametrize(
+    "subjects,kwargs,message",
+    [
+        (3, {}, "--real True needs at least 4 subjects with aligned_norm and a label map in 'demo'"),  # too few
+        (4, {"val_subjects": "OASIS_OAS1_0001_MR1"}, "need 2 or more training and 2 or more validation"),  # one held
+        (4, {"val_subjects": "nobody,OASIS_OAS1_0001_MR1"}, "unknown subjects in the split lists: \\['nobody'\\]"),
+    ],
+)
+def test_pretrain_on_real_pairs_refuses_too_few_subjects(tmp_path, monkeypatch, subjects, kwargs, message):
+    monkeypatch.chdir(tmp_path)
+    make_demo(tmp_path / "demo", num_subjects=subjects, shape=(24, 28, 20))
+    with pytest.raises(ValueError, match=message):
+        pretrain(2, real=True, dataset_dir="demo", bundle_root=str(tmp_path / "none"), **kwargs)
+
+
 # --- registering out of the box ---------------------------------------------------------------------------
 
 

@@ -3,7 +3,15 @@ import torch
 from ignite.engine import Engine, Events
 
 from custom import RegistrationNet
-from custom.workflow import AtomicCheckpointSaver, WarpedNCC, latest_checkpoint, prepare_pair_batch
+from custom.workflow import (
+    AtomicCheckpointSaver,
+    WarpedDice,
+    WarpedNCC,
+    latest_checkpoint,
+    prepare_labelled_pair_batch,
+    prepare_pair_batch,
+    validation_metric,
+)
 
 
 def test_prepare_pair_batch_stacks_moving_then_fixed():
@@ -95,3 +103,43 @@ def test_a_run_killed_while_saving_keeps_its_last_checkpoint(tmp_path, monkeypat
         engine.run([0], max_epochs=3)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_2.pt"]
     assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint_2.pt")
+
+
+def test_prepare_labelled_pair_batch_keeps_the_labels_out_of_the_input():
+    moving, fixed = torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8)
+    labels = torch.randint(0, 4, (2, 1, 8, 8)).int()
+    batch = {"moving": moving, "fixed": fixed, "moving_label": labels, "fixed_label": labels + 1}
+    inputs, target = prepare_labelled_pair_batch(batch)
+    assert inputs.shape == (2, 2, 8, 8) and target.shape == (2, 4, 8, 8) and target.dtype == torch.float32
+    assert torch.equal(target[:, :2], inputs) and torch.equal(target[:, 3:], (labels + 1).float())
+    with pytest.raises(ValueError, match="the pairs carry no label maps"):
+        prepare_labelled_pair_batch({"moving": moving, "fixed": fixed})
+
+
+def test_warped_dice_metric_over_an_epoch():
+    """A zero field scores the maps' own overlap; a field that undoes a shift scores 1; labels need 4 channels."""
+    fixed = torch.zeros(1, 1, 12, 12)
+    fixed[..., 2:8, 2:8] = 1
+    moving = torch.roll(fixed, 2, dims=2)  # 4 of the 6 rows overlap: Dice 2/3
+    target = torch.cat([moving, fixed, moving, fixed], 1)
+    metric = WarpedDice()
+    metric.update((torch.zeros(1, 2, 12, 12), target))
+    assert metric.compute() == pytest.approx(2 / 3)
+    shift = torch.zeros(1, 2, 12, 12)
+    shift[:, 0] = 2.0
+    metric.reset()
+    metric.update((shift, target))
+    assert metric.compute() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="WarpedDice needs"):
+        metric.update((shift, target[:, :2]))
+
+
+@pytest.mark.parametrize("name,key,kind", [("ncc", "val_ncc", WarpedNCC), ("dice", "val_dice", WarpedDice)])
+def test_validation_metric_by_name(name, key, kind):
+    metric = validation_metric(name, 2)
+    assert list(metric) == [key] and isinstance(metric[key], kind)
+
+
+def test_validation_metric_bad_name():
+    with pytest.raises(ValueError, match="val_metric must be one of \\['dice', 'ncc'\\], got 'hd95'"):
+        validation_metric("hd95", 2)

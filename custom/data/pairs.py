@@ -10,6 +10,9 @@ strategy turns units into ``(moving unit, fixed unit, moving key)`` triples:
 - ``orig_to_norm``: the subject's ``aligned_orig`` (moving) to its ``aligned_norm`` (fixed).
 - ``synthetic``: no frames: pairs generated on the fly from random label maps (:mod:`custom.data.synth`), plus
   the dataset's label maps when it has them.
+
+Training on real pairs may mix in synthetic ones (:class:`MixedPairs`) and augment them
+(:func:`custom.data.transforms.pair_augmentation`).
 """
 
 import logging
@@ -17,17 +20,27 @@ import random
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from monai.data import partition_dataset
+from monai.utils import convert_to_tensor
 
 from custom.data.frames import SubjectFrames
 from custom.data.oasis import find_subjects, split_subjects
 from custom.data.synth import SyntheticPairs
+from custom.data.transforms import PAIR_KEYS, pair_augmentation
 from custom.spatial import check_spatial_dims
 
-__all__ = ["PAIR_STRATEGIES", "PairDataset", "PairRedrawer", "PairResampler", "make_pairs", "build_pair_dataset"]
+__all__ = [
+    "PAIR_STRATEGIES",
+    "MixedPairs",
+    "PairDataset",
+    "PairRedrawer",
+    "PairResampler",
+    "make_pairs",
+    "build_pair_dataset",
+]
 
 PAIR_STRATEGIES = ("inter_subject", "atlas", "intra_volume", "orig_to_norm", "synthetic")
 Pair = Tuple[int, int, str]
@@ -111,6 +124,8 @@ class PairDataset(torch.utils.data.Dataset):
         offset: slice distance for ``intra_volume``.
         atlas: fixed subject for ``atlas``.
         max_pairs: keep at most this many pairs, evenly spread over all of them (bounds validation work).
+        transform: applied to each item (e.g. :func:`~custom.data.transforms.pair_augmentation`), seeded by
+            ``seed``.
 
     Raises:
         ValueError: for bad options, frames the strategy cannot pair, or pairs of unequal shapes.
@@ -125,6 +140,7 @@ class PairDataset(torch.utils.data.Dataset):
         offset: int = 1,
         atlas: Optional[str] = None,
         max_pairs: Optional[int] = None,
+        transform: Optional[Callable[[dict], dict]] = None,
     ) -> None:
         if max_pairs is not None and max_pairs < 1:
             raise ValueError(f"max_pairs must be >= 1 or null, got {max_pairs!r}.")
@@ -137,6 +153,9 @@ class PairDataset(torch.utils.data.Dataset):
         self.offset = offset
         self.atlas = atlas
         self.max_pairs = max_pairs
+        self.transform = transform
+        if transform is not None and hasattr(transform, "set_random_state"):
+            transform.set_random_state(seed)
         self.pairs = self._draw(seed)
         for m, f, _ in self.pairs:
             ms, fs = frames.shape(m), frames.shape(f)
@@ -171,7 +190,36 @@ class PairDataset(torch.utils.data.Dataset):
         item = {"moving": mu[key], "fixed": fu["image"], "moving_id": self._id(m), "fixed_id": self._id(f)}
         if "label" in mu:
             item["moving_label"], item["fixed_label"] = mu["label"], fu["label"]
-        return item
+        return self.transform(item) if self.transform is not None else item
+
+
+class MixedPairs(torch.utils.data.ConcatDataset):
+    """Real pairs and synthetic pairs in one training dataset: each epoch has the items of every part (shuffled
+    together by the data loader) and re-draws them all (:meth:`set_epoch`).
+
+    Args:
+        parts: datasets with ``set_epoch`` (:class:`PairDataset`, :class:`~custom.data.synth.SyntheticPairs`) whose
+            items have equal shapes.
+        labels: keep the label maps (every part must have them); otherwise they are dropped, so items of parts
+            with and without labels batch together.
+    """
+
+    def __init__(self, parts: Sequence[torch.utils.data.Dataset], labels: bool = False) -> None:
+        super().__init__(parts)
+        self.keys = set(PAIR_KEYS if labels else PAIR_KEYS[:2]) | {"moving_id", "fixed_id"}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-draw every part's pairs for ``epoch``."""
+        for part in self.datasets:
+            part.set_epoch(epoch)
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        missing = self.keys - set(item)
+        if missing:
+            raise ValueError(f"pair {item.get('moving_id')} has no {sorted(missing)}: every part needs label maps.")
+        # plain tensors: MetaTensors and tensors of the two parts would not batch together
+        return {k: convert_to_tensor(v, track_meta=False) for k, v in item.items() if k in self.keys}
 
 
 class PairRedrawer:
@@ -221,7 +269,11 @@ def build_pair_dataset(
     synth_shape: Optional[Sequence[int]] = None,
     synth_pairs: int = 256,
     max_pairs: Optional[int] = None,
-) -> Union[PairDataset, SyntheticPairs]:
+    val_subjects: Optional[Sequence[str]] = None,
+    train_labels: bool = False,
+    augment: bool = False,
+    synth_mix: int = 0,
+) -> Union[PairDataset, SyntheticPairs, MixedPairs]:
     """Discover, split, load and pair a neurite-OASIS-style dataset: what the bundle configs call.
 
     Args:
@@ -230,7 +282,7 @@ def build_pair_dataset(
         spatial_dims: 2 (slices) or 3 (volumes).
         pair_strategy: one of :data:`PAIR_STRATEGIES`.
         image: the image file (``aligned_norm``; ``slice_norm`` for the release's 2-D slices).
-        label: label file, ``None``, or ``"auto"`` (ignored for ``"train"``, which never uses labels).
+        label: label file, ``None``, or ``"auto"`` (the ``"train"`` split loads it only with ``train_labels``).
         num_val: validation subjects (fraction or count).
         num_test: test subjects (fraction or count).
         seed: split and pair seed.
@@ -249,6 +301,12 @@ def build_pair_dataset(
         synth_shape: spatial shape of ``synthetic`` pairs (default :data:`~custom.data.synth.SYNTH_SHAPES`).
         synth_pairs: ``synthetic`` pairs per training epoch (validation and test: an eighth, at least 8, fixed).
         max_pairs: at most this many pairs, evenly spread (e.g. ``val_max_pairs`` for validation).
+        val_subjects: the validation subjects by name (held out from training) instead of drawing ``num_val``;
+            the test split is then empty.
+        train_labels: the ``"train"`` split keeps its label maps (for a semi-supervised ``label_weight``).
+        augment: the ``"train"`` split's pairs are augmented (:func:`~custom.data.transforms.pair_augmentation`).
+        synth_mix: the ``"train"`` split of a real-pair strategy adds this many synthetic pairs of its frames' shape
+            per epoch (:class:`MixedPairs`).
 
     Raises:
         ValueError / FileNotFoundError: for bad data or options, naming the file or subject.
@@ -262,22 +320,29 @@ def build_pair_dataset(
     if pair_strategy == "synthetic":
         seed += 7919 * rank  # ranks draw different synthetic pairs
         return _synthetic(dataset_dir, split, spatial_dims, image, slice_axis, seed, synth_shape, synth_pairs)
-    if split == "train":
-        label = None  # training is unsupervised: labels would only take cache memory
+    if synth_mix < 0:
+        raise ValueError(f"synth_mix must be >= 0, got {synth_mix!r}.")
+    training = split == "train"
+    if training and not train_labels:
+        label = None  # unsupervised training: labels would only take cache memory
     chosen, atlas = _chosen_subjects(
-        dataset_dir, split, pair_strategy, image, label, num_val, num_test, seed, shard, atlas
+        dataset_dir, split, pair_strategy, image, label, num_val, num_test, seed, shard, atlas, val_subjects
     )
     frames = SubjectFrames(chosen, spatial_dims, cache, cache_rate, cache_dir, num_workers, slice_axis, slice_range)
     logger.info("%s split: %d subjects, %d frames", split, len(chosen), len(frames))
-    dataset = PairDataset(frames, pair_strategy, seed, split == "train", offset, atlas, max_pairs)
-    if world > 1 and split == "train":
+    transform = pair_augmentation(spatial_dims) if training and augment else None
+    dataset = PairDataset(frames, pair_strategy, seed, training, offset, atlas, max_pairs, transform)
+    if world > 1 and training:
         common = _smallest_across_ranks(len(dataset))
         if common < len(dataset):  # equal iterations per epoch on every rank, or DDP waits forever
-            dataset = PairDataset(frames, pair_strategy, seed, True, offset, atlas, common)
+            dataset = PairDataset(frames, pair_strategy, seed, True, offset, atlas, common, transform)
+    if training and synth_mix:
+        synthetic = SyntheticPairs(spatial_dims, frames.shape(0)[1:], synth_mix, seed + 7919 * (rank + 1))
+        return MixedPairs([dataset, synthetic], labels=label is not None)
     return dataset
 
 
-def _chosen_subjects(dataset_dir, split, pair_strategy, image, label, num_val, num_test, seed, shard, atlas):
+def _chosen_subjects(dataset_dir, split, pair_strategy, image, label, num_val, num_test, seed, shard, atlas, held):
     """``(subjects, atlas)``: the split's subjects (this rank's share of them under ``shard``); for the ``atlas``
     strategy the atlas first (``atlas`` default: the first subject of the dataset) and its name."""
     rank, world = _check_shard(shard)
@@ -286,7 +351,8 @@ def _chosen_subjects(dataset_dir, split, pair_strategy, image, label, num_val, n
         if "aligned_orig" in s:
             s["orig"] = s.pop("aligned_orig")
     minimum = 2 if pair_strategy == "inter_subject" else 1
-    chosen = subjects if split == "all" else split_subjects(subjects, num_val, num_test, seed, minimum=minimum)[split]
+    splits = split_subjects(subjects, num_val, num_test, seed, held, [] if held else None, minimum)
+    chosen = subjects if split == "all" else splits[split]
     if len(chosen) < minimum:
         raise ValueError(
             f"the {split} split is empty or too small to pair: {len(subjects)} subjects found, with --num_val "

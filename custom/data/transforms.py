@@ -1,5 +1,7 @@
-"""MONAI dictionary transforms for loading subjects and slicing volumes into 2D training frames."""
+"""MONAI dictionary transforms for loading subjects, slicing volumes into 2D training frames and augmenting
+training pairs."""
 
+import math
 from typing import Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -13,6 +15,9 @@ from monai.transforms import (
     EnsureTyped,
     LoadImaged,
     MapTransform,
+    RandAdjustContrastd,
+    RandAffined,
+    RandFlipd,
     ResampleToMatchd,
 )
 
@@ -23,6 +28,7 @@ __all__ = [
     "StackSlicesd",
     "ScaleForegroundd",
     "load_transforms",
+    "pair_augmentation",
     "pair_transforms",
     "foreground_slices",
     "scale_foreground",
@@ -305,3 +311,42 @@ def pair_transforms(spatial_dims: int, label: bool, resample: bool) -> Compose:
         chain.append(CastToTyped("moving_label", dtype=torch.int32))
     chain += [CopyItemsd("moving", names="moving_raw"), ScaleForegroundd(["moving", "fixed"])]
     return Compose(chain)
+
+
+PAIR_KEYS = ("moving", "fixed", "moving_label", "fixed_label")
+
+
+def pair_augmentation(spatial_dims: int, flip_axis: Optional[int] = 0) -> Compose:
+    """Training augmentation of a pair (MONAI transforms; the label maps follow their images when present):
+
+    - a left-right flip of both images together (half of the pairs), which anatomy allows; ``flip_axis`` 0 is
+      left-right in neurite-OASIS's aligned space and in its slices along axis 2; ``None``: no flip;
+    - a small random affine of the moving image (rotations up to 5 degrees, scaling up to 5%, shifts up to 4
+      voxels; 80% of the pairs), the residual misalignment an affine stage leaves;
+    - a random gamma of each image on its own (half of the pairs each), as scanners differ.
+
+    Args:
+        spatial_dims: 2 or 3.
+        flip_axis: the spatial axis flipped, or ``None``.
+
+    Returns:
+        A ``Compose`` of dictionary transforms on :data:`PAIR_KEYS` ``(1, *S)`` tensors, returning plain tensors.
+    """
+    angles = 1 if spatial_dims == 2 else 3
+    steps = [] if flip_axis is None else [RandFlipd(PAIR_KEYS, 0.5, flip_axis, allow_missing_keys=True)]
+    steps += [
+        RandAffined(
+            ("moving", "moving_label"),
+            prob=0.8,
+            rotate_range=(math.radians(5),) * angles,
+            scale_range=(0.05,) * spatial_dims,
+            translate_range=(4,) * spatial_dims,
+            mode=("bilinear", "nearest"),
+            padding_mode="zeros",
+            allow_missing_keys=True,
+        ),
+        RandAdjustContrastd("moving", prob=0.5, gamma=(0.8, 1.25)),
+        RandAdjustContrastd("fixed", prob=0.5, gamma=(0.8, 1.25)),
+        EnsureTyped(PAIR_KEYS, track_meta=False, allow_missing_keys=True),
+    ]
+    return Compose(steps)
