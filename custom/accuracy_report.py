@@ -85,6 +85,9 @@ def write_report(
         pairs = next(iter(section["pairs"].values()))
         names = ", ".join(f"{p['moving']} -> {p['fixed']}" for p in pairs)
         text += f"\n## Real subject pairs, {name}: {names}\n\n{to_markdown(section['summary'], volumes)}\n"
+        if section.get("not_held_out"):
+            seen = ", ".join(section["not_held_out"])
+            text += f"\nNot held out: the shipped model was trained on the subjects of {seen}.\n"
         if section.get("targets"):
             text += "\nTargets:\n\n" + "\n".join(section["targets"]) + "\n"
     print(text, flush=True)

@@ -35,6 +35,8 @@ import torch
 from custom.accuracy_report import aggregate, pair_row
 from custom.affine import grid_coordinates, voxel_map
 from custom.methods import ants_available
+from custom.pretrained import trained_subjects
+from custom.runner import bundle_dir
 from custom.warp import sample_at
 
 __all__ = ["ROW_KEYS", "SECTIONS", "find_subject_pairs", "run_subject_pairs", "targets"]
@@ -255,10 +257,14 @@ def run_subject_pairs(
     sections = find_subject_pairs(root, count, label, subjects)
     if not sections:
         print(f"no real subject pairs: {root} has fewer than 2 subjects with aligned_norm and a label map", flush=True)
+    trained = set() if model_path else set(trained_subjects(bundle_dir(), 3, "both"))
     results = {}
     for section, pairs in sections.items():
         names = ", ".join(f"{p['moving_id']} -> {p['fixed_id']}" for p in pairs)
         print(f"{section}: {len(pairs)} pairs of real subjects ({names})", flush=True)
+        seen = [f"{p['moving_id']} -> {p['fixed_id']}" for p in pairs if {p["moving_id"], p["fixed_id"]} & trained]
+        if seen:
+            print(f"  note: not held out from the shipped 3D model's training: {', '.join(seen)}", flush=True)
         items, per_pair, summaries = [_labels(pair) for pair in pairs], {}, {}
         for name, method in rows.items():
             per_pair[name] = [
@@ -268,4 +274,6 @@ def run_subject_pairs(
             summaries[name] = aggregate(per_pair[name])
             print(f"  {name}: {json.dumps({k: round(v['mean'], 4) for k, v in summaries[name].items()})}", flush=True)
         results[section] = {"summary": summaries, "pairs": per_pair, "targets": targets(summaries, per_pair)}
+        if seen:
+            results[section]["not_held_out"] = seen
     return results

@@ -121,7 +121,9 @@ def pretrain(
     start = time.perf_counter()
     record = train_run(overrides, minutes, max_steps, validate_ends=bool(real))
     wall = time.perf_counter() - start
-    return ship(root, weights_file(spatial_dims, variant), out / "models", record, wall, seed, started_from, data)
+    subjects = {"trained_on": trains, "held_out": vals} if real else None
+    relative = weights_file(spatial_dims, variant)
+    return ship(root, relative, out / "models", record, wall, seed, started_from, data, subjects)
 
 
 def real_split(dataset_dir: str, val_subjects: Union[str, Sequence[str], None], seed: int):
@@ -188,6 +190,7 @@ def ship(
     seed: int,
     started_from: Optional[str],
     data: str = "synthetic pairs only (custom.data.synth, with the synthetic demo label maps)",
+    subjects: Optional[Dict[str, List[str]]] = None,
 ) -> str:
     """Copy a training run's model into the bundle (atomically) and record it in the manifest: the sha256, the
     command that made it and how to reproduce it, the seed, steps, epochs, wall time and hours (added up over the
@@ -204,6 +207,8 @@ def ship(
         seed: the run's seed.
         started_from: the sha256 of the weights it was fine-tuned from, if any.
         data: what it was trained on.
+        subjects: ``trained_on`` and ``held_out`` subject names of a real-data run: recorded as the entry's
+            ``trained_on`` (with those of the run it continues) and ``held_out`` (those never trained on).
     """
     previous = next((e for e in read_manifest(root) if e.get("path") == relative), {})
     continued = bool(started_from) and previous.get("hash_val") == started_from
@@ -226,6 +231,12 @@ def ship(
         **({"started_from": started_from} if started_from else {}),
         "data": data,
     }
+    if subjects or (continued and "trained_on" in previous):
+        trained = sorted(
+            set(previous.get("trained_on", []) if continued else []) | set((subjects or {}).get("trained_on", []))
+        )
+        held = [s for s in (subjects or {}).get("held_out", previous.get("held_out", [])) if s not in trained]
+        entry.update(trained_on=trained, held_out=held)
     dice = [(h, v["val_dice"]) for h, v in record.get("validation", []) if "val_dice" in v]
     if dice:
         before = previous.get("learning_curve", []) if continued and "learning_curve" in previous else []

@@ -16,7 +16,15 @@ import yaml
 
 from custom.spatial import check_spatial_dims
 
-__all__ = ["MANIFEST", "load_pretrained", "pretrained_path", "read_manifest", "sha256", "weights_file"]
+__all__ = [
+    "MANIFEST",
+    "load_pretrained",
+    "pretrained_path",
+    "read_manifest",
+    "sha256",
+    "trained_subjects",
+    "weights_file",
+]
 
 MANIFEST = "large_files.yml"
 PathLike = Union[str, Path]
@@ -37,6 +45,14 @@ def read_manifest(bundle_root: PathLike) -> List[dict]:
     if not path.is_file():
         return []
     return list((yaml.safe_load(path.read_text()) or {}).get("large_files") or [])
+
+
+def trained_subjects(bundle_root: PathLike, spatial_dims: int, variant: str) -> List[str]:
+    """The real subjects the shipped weights of ``spatial_dims`` and ``variant`` were trained on (their manifest
+    entry's ``trained_on``; ``[]`` for weights trained on synthetic data only)."""
+    relative = weights_file(spatial_dims, variant)
+    entry = next((e for e in read_manifest(bundle_root) if e.get("path") == relative), {})
+    return list(entry.get("trained_on", []))
 
 
 def weights_file(spatial_dims: int, variant: str) -> str:

@@ -18,6 +18,7 @@ from custom import RegistrationNet
 from custom.accuracy_subjects import OURS
 from custom.cli import _commands, boolean_options, parse_booleans
 from custom.data import make_demo
+from custom.pretrained import trained_subjects
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -417,6 +418,9 @@ def test_accuracy_3d_end_to_end(ws):
         assert all(section["summary"][row]["cpu_s"]["mean"] > 0.5 for row in rows[1:])  # imports and I/O counted
     native = sections["native -> aligned"]["summary"]
     assert native["no registration (world coordinates)"]["dice_mean"]["mean"] < 0.3  # moved and turned in the world
+    # pairs of subjects the shipped model was trained on are marked (the demo's subjects bear OASIS names)
+    marked = "Not held out: the shipped model was trained on the subjects of OASIS_OAS1_0001_MR1 -> OASIS_OAS1_0002_MR1"
+    assert (marked in table) == ("OASIS_OAS1_0001_MR1" in trained_subjects(REPO / "bundle", 3, "both"))
     assert native["ours, affine stage alone"]["dice_mean"]["mean"] > 0.6  # the affine stage undoes it
 
 

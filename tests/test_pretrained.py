@@ -13,7 +13,7 @@ from warm_python import python_env, run_python
 from custom import LocalNCCLoss, RegistrationNet
 from custom.data import SyntheticPairs, build_pair_dataset, make_demo
 from custom.pretrain import pretrain
-from custom.pretrained import load_pretrained, pretrained_path, read_manifest, sha256
+from custom.pretrained import load_pretrained, pretrained_path, read_manifest, sha256, trained_subjects
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
@@ -165,11 +165,16 @@ def test_pretrain_on_real_pairs_records_subjects_held_out_dice_and_the_learning_
     curve = entry["learning_curve"]
     assert len(curve) == 2 and 0 < curve[0][1] <= 1 and entry["held_out_dice"] == max(d for _, d in curve)
     assert curve[0][0] <= curve[1][0] <= entry["hours"] and "started_from" not in entry
+    assert entry["trained_on"] == [f"OASIS_OAS1_000{i}_MR1" for i in (1, 2, 3)]
+    assert entry["held_out"] == ["OASIS_OAS1_0004_MR1", "OASIS_OAS1_0005_MR1"]
+    assert trained_subjects(root, 2, "both") == entry["trained_on"]
+    assert trained_subjects(root, 3, "both") == trained_subjects(BUNDLE, 3, "both")  # the other entry kept
     shutil.rmtree(tmp_path / "pre")
     pretrain(2, **options, from_shipped=True)
     again = {e["path"]: e for e in read_manifest(root)}["models/pretrained_2d_both.pt"]
     assert again["started_from"] == entry["hash_val"] and again["learning_curve"][:2] == curve
     assert len(again["learning_curve"]) == 4 and again["hours"] > entry["hours"]
+    assert again["trained_on"] == entry["trained_on"] and again["held_out"] == entry["held_out"]
 
 
 @pytest.mark.parametrize(
