@@ -60,6 +60,7 @@ def test_unknown_bundle_arguments_are_refused(argv, message):
 def test_every_boolean_key_is_checked():
     assert {key for _, key in BOOLEAN_KEYS} == {
         "amp",
+        "augment",
         "resume",
         "pretrained",
         "resample",
