@@ -50,7 +50,15 @@ from custom.losses import GradLoss, LocalNCCLoss, MSELoss, check_similarity
 from custom.spatial import check_spatial_dims, slabs
 from custom.warp import SpatialTransformer, VelocityIntegration
 
-__all__ = ["DEFAULTS", "RefineOptions", "RefiningInferer", "RegistrationInferer", "refine", "resize_field"]
+__all__ = [
+    "DEFAULTS",
+    "RefineOptions",
+    "RefiningInferer",
+    "RegistrationInferer",
+    "grid_sigma",
+    "refine",
+    "resize_field",
+]
 
 DEFAULTS = {
     2: {"steps": (10,), "levels": (1,), "downsample": 1, "integration_steps": 7, "grad_sigma": 2.0},
@@ -66,6 +74,13 @@ FULL_SMOOTHING_SIZE = 40
 """``grad_sigma`` holds on grids of at least this many voxels along every axis (a quarter-resolution OASIS volume
 has 40 to 56); a smaller grid gets a proportionally smaller sigma, so that the smoothing spans the same share of
 the image instead of averaging a small image's whole gradient into one translation."""
+
+
+def grid_sigma(grad_sigma: float, shape: Sequence[int]) -> float:
+    """The gradient smoothing's sigma on an optimised grid of spatial ``shape``: ``grad_sigma``, scaled down in
+    proportion on grids smaller than :data:`FULL_SMOOTHING_SIZE` voxels along some axis."""
+    return grad_sigma * min(1.0, min(shape) / FULL_SMOOTHING_SIZE)
+
 
 SLAB_VOXELS = 1 << 20
 """A level's similarity is computed and back-propagated in slabs of about this many voxels along the last axis.
@@ -209,7 +224,7 @@ def _optimise(param: nn.Parameter, loss_of, steps: int, options: RefineOptions, 
     """Adam on the smoothed gradient for at most ``steps`` steps, stopping on a plateau; ``loss_of(param)``
     back-propagates and returns the loss. Returns (steps taken, last loss)."""
     optimizer = torch.optim.Adam([param], lr=options.lr)
-    sigma = options.grad_sigma * min(1.0, min(param.shape[2:]) / FULL_SMOOTHING_SIZE)
+    sigma = grid_sigma(options.grad_sigma, param.shape[2:])
     kernel = gaussian_1d(torch.tensor(sigma), truncated=3.0).to(param) if sigma > 0 else None
     best, since, loss_value = math.inf, 0, math.nan
     for step in range(1, steps + 1):

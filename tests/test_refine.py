@@ -10,7 +10,16 @@ from custom import RegistrationNet, SpatialTransformer
 from custom.data import known_deformation_pairs
 from custom.losses import PairLoss
 from custom.metrics import dice_per_label, jacobian_determinant
-from custom.refine import DEFAULTS, RefineOptions, RefiningInferer, RegistrationInferer, _LevelLoss, refine
+from custom.refine import (
+    DEFAULTS,
+    FULL_SMOOTHING_SIZE,
+    RefineOptions,
+    RefiningInferer,
+    RegistrationInferer,
+    _LevelLoss,
+    grid_sigma,
+    refine,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -263,3 +272,19 @@ def test_refinement_defaults_are_stated_alike_everywhere():
         for parameters in command_lines:
             option = parameters.get("similarity" if name == "similarity" else f"refine_{name}")
             assert option is None or option.default == value, f"--refine_{name}"
+
+
+@pytest.mark.parametrize(
+    "grad_sigma,shape,expected",
+    [
+        (1.5, (40, 48, 56), 1.5),  # a quarter-resolution OASIS volume: the full sigma
+        (1.5, (80, 96, 112), 1.5),  # larger grids: the full sigma
+        (2.0, (160, 192), 2.0),  # a 2D slice at full resolution
+        (1.5, (20, 48, 56), 0.75),  # one axis half the size: half the sigma
+        (1.5, (24, 28, 20), 0.75),  # the tests' demo volumes: the smallest axis counts
+        (0.0, (10, 10), 0.0),  # no smoothing stays none
+    ],
+)
+def test_grid_sigma_scales_down_on_small_grids(grad_sigma, shape, expected):
+    assert FULL_SMOOTHING_SIZE == 40
+    assert grid_sigma(grad_sigma, shape) == pytest.approx(expected)
