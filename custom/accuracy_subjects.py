@@ -76,10 +76,10 @@ def find_subject_pairs(
 
     Args:
         root: a neurite-OASIS-style folder.
-        subjects: only these subject folders (e.g. subjects held out from training); default every one.
         count: pairs per section at most: subject ``2i`` to subject ``2i + 1`` of the sorted subjects (then
             ``2i + 1`` to ``2i + 2``, ... when there are too few for disjoint pairs).
         label: the label map's name without ``aligned_`` (``seg35``), or ``"auto"`` (:data:`LABELS`).
+        subjects: only these subject folders (e.g. subjects held out from training); default every one.
 
     Returns:
         Section name -> pairs with ``moving``, ``moving_label``, ``fixed``, ``fixed_label`` (paths) and
@@ -94,29 +94,29 @@ def find_subject_pairs(
         raise ValueError(f"subjects {unknown} are not folders of {root!r} (have {[f.name for f in folders][:6]}).")
     folders = [f for f in folders if f.name in subjects] if subjects else folders
     for name in LABELS if label == "auto" else (label,):
-        subjects = [f for f in folders if all(path.is_file() for path in _fixed_files(f, name))]
-        if len(subjects) >= 2:
+        labelled = [f for f in folders if all(path.is_file() for path in _fixed_files(f, name))]
+        if len(labelled) >= 2:
             break
     else:
         return {}
-    n = len(subjects)
+    n = len(labelled)
     order = [(2 * i % n, (2 * i + 1) % n) for i in range(n // 2)] + [(i, (i + 1) % n) for i in range(1, n, 2)]
     sections: Dict[str, List[dict]] = {}
     for section, (image, moving_label) in SECTIONS.items():
         pairs = []
         for m, f in order:
-            moving = subjects[m] / f"{image}.nii.gz"
-            labels = subjects[m] / f"{moving_label.format(name)}.nii.gz"
+            moving = labelled[m] / f"{image}.nii.gz"
+            labels = labelled[m] / f"{moving_label.format(name)}.nii.gz"
             if len(pairs) < count and moving.is_file() and labels.is_file():
-                fixed, fixed_label = _fixed_files(subjects[f], name)
+                fixed, fixed_label = _fixed_files(labelled[f], name)
                 pairs.append(
                     {
                         "moving": str(moving),
                         "moving_label": str(labels),
                         "fixed": str(fixed),
                         "fixed_label": str(fixed_label),
-                        "moving_id": subjects[m].name,
-                        "fixed_id": subjects[f].name,
+                        "moving_id": labelled[m].name,
+                        "fixed_id": labelled[f].name,
                     }
                 )
         if pairs:

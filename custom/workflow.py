@@ -216,7 +216,7 @@ class WarpedDice(_PairMean):
         return torch.tensor(means, dtype=torch.float64)
 
 
-VALIDATION_METRICS = {"ncc": "mean local NCC (window 9)", "dice": "mean Dice over the labels"}
+VALIDATION_METRICS = ("dice", "ncc")
 
 
 def validation_metric(name: str, spatial_dims: int) -> Dict[str, Metric]:
@@ -230,7 +230,7 @@ def validation_metric(name: str, spatial_dims: int) -> Dict[str, Metric]:
         ValueError: for another name.
     """
     if name not in VALIDATION_METRICS:
-        raise ValueError(f"val_metric must be one of {sorted(VALIDATION_METRICS)}, got {name!r}.")
+        raise ValueError(f"val_metric must be one of {list(VALIDATION_METRICS)}, got {name!r}.")
     return {f"val_{name}": WarpedNCC(spatial_dims) if name == "ncc" else WarpedDice()}
 
 

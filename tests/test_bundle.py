@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import re
 import shlex
@@ -18,7 +19,7 @@ import torch
 from warm_python import run_python
 
 from custom import RegistrationNet
-from custom.data import make_demo
+from custom.data import build_pair_dataset, make_demo
 from custom.workflow import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -566,18 +567,24 @@ def test_short_amp_training_quiet_logs_epoch_length(tmp_path):
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_semi_supervised_augmented_training_validated_by_dice(tmp_path, spatial_dims):
-    """train.json with label_weight, augment, synth_mix, val_subjects and val_metric dice: labels reach the loss
-    (not the network), synthetic pairs join the real ones, and the best model is kept by the held-out Dice."""
+    """train.json with label_weight, augment, synth_mix, val_subjects and val_metric dice runs: the held-out subjects
+    are not trained on, the synthetic pairs join the real ones in every epoch, and the best model is kept by the
+    held-out Dice."""
     ws = workspace(tmp_path / "ws", num_subjects=4)
+    held = ["OASIS_OAS1_0003_MR1", "OASIS_OAS1_0004_MR1"]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "bundle/configs/train.json"]
     cmd += ["--spatial_dims", str(spatial_dims), "--label_weight", "1.0", "--augment", "True", "--synth_mix", "2"]
-    cmd += ["--val_metric", "dice", "--val_subjects", "['OASIS_OAS1_0003_MR1','OASIS_OAS1_0004_MR1']"]
+    cmd += ["--val_metric", "dice", "--val_subjects", repr(held)]
     cmd += ["--num_test", "0", "--epochs", "2", "--batch_size", "2", "--ckpt_dir", "runs/models"]
     proc = run(cmd, cwd=ws)
     log = proc.stdout + proc.stderr
     scores = [float(v) for v in re.findall(r"Metrics -- val_dice: ([\d.]+)", log)]
     assert len(scores) == 2 and all(0 < v <= 1 for v in scores)
-    assert re.findall(r"epoch 1/2: train_loss", log)  # one summary per epoch: (2 real + 2 synthetic) / 2 steps
+    assert len(re.findall(r"epoch \d/2: train_loss", log)) == 2
+    real = build_pair_dataset(ws / "data" / "demo", "train", spatial_dims, val_subjects=held, num_test=0)
+    assert {u["subject"] for u in real.frames.units}.isdisjoint(held)
+    state = torch.load(latest_checkpoint(ws / "runs" / "train" / "checkpoints"), weights_only=True)
+    assert state["trainer"]["iteration"] == 2 * math.ceil((len(real) + 2) / 2)  # real and 2 synthetic pairs, batch 2
     assert (ws / "runs" / "models" / "model.pt").is_file() and "val_ncc" not in log
 
 
