@@ -29,6 +29,7 @@ from custom.data.pairs import PairDataset
 from custom.methods import MonaiVoxelMorph, ZeroField, ants_available, ants_register, network_method
 from custom.metrics import format_mean
 from custom.networks import RegistrationNet
+from custom.peers import check_peer_names
 from custom.pretrained import pretrained_path
 from custom.refine import RefineOptions, RefiningInferer
 from custom.runner import as_list, bundle_dir, train_run
@@ -107,6 +108,7 @@ def run_accuracy(
     subject_pairs: int = 3,
     subject_rows: Union[str, Sequence[str]] = ("affine", "network", "defaults", "accurate"),
     pair_subjects: Union[str, Sequence[str]] = (),
+    peer_envs: str = ".peers",
 ) -> Path:
     """Train, register held-out pairs with every method, print the table and write it to
     ``<output_dir>/accuracy.md`` (the path returned) with every pair's row in ``results.json``. In 3D no network is
@@ -133,7 +135,8 @@ def run_accuracy(
         refine_lr: refinement learning rate.
         refine_smooth_weight: refinement smoothness weight.
         default_refine_steps: the step count of the "refinement only, from zero" row.
-        peers: any of ``monai`` and ``ants`` (comma-separated or a list).
+        peers: any of ``monai`` and ``ants`` (comma-separated or a list); in 3D also ``fireants``, ``convexadam``
+            and ``elastix`` (custom.peers: real aligned subject pairs, each in its own environment).
         ants_transform: ``type_of_transform`` for ``ants.registration``.
         threads: CPU threads for every method.
         device: ``cpu`` or ``cuda``; default CUDA when available.
@@ -152,6 +155,7 @@ def run_accuracy(
             model_path, they use that model.
         pair_subjects: 3D: the subject folders the real pairs are made of (e.g. those held out from the model's
             training; comma-separated or a list); default every subject.
+        peer_envs: 3D: the folder of the peer tools' environments (made by ``python -m custom peer_envs``).
     """
     options = SimpleNamespace(**locals())
     if check_spatial_dims(spatial_dims) == 3:
@@ -225,6 +229,7 @@ def _run_volumes(o: SimpleNamespace) -> Path:
         o.subject_pairs,
         o.subject_rows,
         o.pair_subjects,
+        o.peer_envs,
     )
 
 
@@ -233,9 +238,7 @@ def _check_slice_options(o: SimpleNamespace) -> List[int]:
     steps_list = [int(s) for s in as_list((5, 10, 25, 50) if o.refine_steps is None else o.refine_steps)]
     for steps in steps_list + [o.default_refine_steps]:
         RefineOptions(steps, o.refine_lr, o.refine_smooth_weight)
-    unknown = [p for p in as_list(o.peers) if p not in ("monai", "ants")]
-    if unknown:
-        raise ValueError(f"peers must be among ['monai', 'ants'], got {unknown}.")
+    check_peer_names(as_list(o.peers), ("monai", "ants"))
     if o.budget_minutes <= 0 or o.max_pairs < 1:
         raise ValueError(f"budget_minutes must be > 0 and max_pairs >= 1, got {o.budget_minutes} and {o.max_pairs}.")
     return steps_list

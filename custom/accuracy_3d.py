@@ -32,6 +32,7 @@ from custom.data.synth import known_deformation_pairs
 from custom.methods import ants_available, ants_register
 from custom.metrics import jacobian_determinant
 from custom.networks import RegistrationNet
+from custom.peers import PEER_TOOLS, check_peer_names
 from custom.refine import DEFAULTS, RefineOptions, RefiningInferer
 from custom.runner import as_list
 from custom.warp import SpatialTransformer
@@ -176,6 +177,7 @@ def run_volume_accuracy(
     subject_pairs: int = 3,
     subject_rows: Union[str, Sequence[str]] = ("affine", "network", "defaults", "accurate"),
     pair_subjects: Union[str, Sequence[str]] = (),
+    peer_envs: str = ".peers",
 ) -> Path:
     """The 3D benchmark: write ``<output_dir>/accuracy.md`` and ``results.json`` and print the table.
 
@@ -188,6 +190,7 @@ def run_volume_accuracy(
     from custom.pretrained import pretrained_path
     from custom.runner import bundle_dir
 
+    check_peer_names(as_list(peers), ("monai", "ants", *PEER_TOOLS))
     if pairs_per_subject < 0 or subject_pairs < 0 or not max_displacement > 0:
         raise ValueError(
             f"pairs_per_subject and subject_pairs must be >= 0 and max_displacement > 0, got {pairs_per_subject}, "
@@ -224,6 +227,7 @@ def run_volume_accuracy(
             as_list(pair_subjects),
             as_list(subject_rows),
             given_model,
+            peer_envs,
         )
     return write_report(out, header, results, per_pair, volumes=True, sections=sections)
 

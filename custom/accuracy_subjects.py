@@ -10,12 +10,14 @@ moving scan registered to the next subject's ``aligned_norm``, in two sections:
 
 Rows: no registration (the moving labels resampled by world coordinates), our affine stage alone
 (``register --deformable False``), the network alone after it (``register --refine_steps 0``), ``register``'s
-defaults and its accurate setting (:data:`ACCURATE`), and ANTs SyN (``antspyx`` defaults: its own affine stage,
-then SyN) when it is installed; then the targets (:func:`targets`), each met or not. Every
+defaults and its accurate setting (:data:`ACCURATE`), ANTs SyN (``antspyx`` defaults: its own affine stage,
+then SyN) when it is installed, and in the aligned section the peer tools of :mod:`custom.peers` (FireANTs,
+ConvexAdam, elastix) whose environments exist; then the targets (:func:`targets`), each met or not. Every
 registration runs in a fresh process from the files: CPU seconds are the whole process's (imports, reading and
 writing included), wall seconds from its start to its end, and its peak resident memory (RSS). The warped label
-map each tool wrote (``<label>`` of the moving subject: ``seg35``, ``aligned_seg35``) is scored against the fixed
-subject's ``aligned_<label>`` with the Jacobian determinant of the tool's deformable transform.
+map each tool wrote (``<label>`` of the moving subject: ``seg35``, ``aligned_seg35``), or the moving labels warped
+here by the displacement a peer tool wrote, is scored against the fixed subject's ``aligned_<label>`` with the
+Jacobian determinant of the tool's deformable transform.
 """
 
 import json
@@ -35,13 +37,16 @@ import torch
 from custom.accuracy_report import aggregate, pair_row
 from custom.affine import grid_coordinates, voxel_map
 from custom.methods import ants_available
+from custom.metrics import jacobian_determinant
+from custom.peers import PEER_ROWS, PEER_TOOLS, RUNNER, peer_python
 from custom.pretrained import trained_subjects
 from custom.runner import bundle_dir
-from custom.warp import sample_at
+from custom.warp import SpatialTransformer, sample_at
 
 __all__ = ["ROW_KEYS", "SECTIONS", "find_subject_pairs", "run_subject_pairs", "targets"]
 
-SECTIONS = {"aligned -> aligned": ("aligned_norm", "aligned_{}"), "native -> aligned": ("norm", "{}")}
+ALIGNED = "aligned -> aligned"
+SECTIONS = {ALIGNED: ("aligned_norm", "aligned_{}"), "native -> aligned": ("norm", "{}")}
 """Each section's moving image and label file (``{}``: the label, e.g. ``seg35``); the fixed ones are always
 ``aligned_norm`` and ``aligned_<label>``."""
 LABELS = ("seg35", "seg4")
@@ -126,6 +131,9 @@ def find_subject_pairs(
 
 def _command(kind: str, options: List[str], pair: dict, out: Path) -> List[str]:
     """The command line of one registration, writing into ``out``."""
+    if kind == "peer":
+        python, tool, settings = options
+        return [python, "-P", str(RUNNER), tool, pair["moving"], pair["fixed"], str(out), settings]
     if kind == "ants":
         run = "import sys; from custom.methods import ants_register_files as run; run(*sys.argv[1:])"
         return [sys.executable, "-c", run, pair["moving"], pair["fixed"], pair["moving_label"], str(out), *options]
@@ -147,14 +155,27 @@ def _run(kind: str, options: List[str], pair: dict, item: dict, work: Path, thre
     if process.returncode != 0:
         tail = (out / "log.txt").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"the {kind} registration of {pair['moving']} failed (exit {process.returncode}):\n{tail}")
+    warped, det = _outputs(out, item["moving_label"])
+    shutil.rmtree(out)
+    timing = {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_gib": usage.ru_maxrss / 2**20}
+    return pair_row(item, warped.round().long(), det, **timing)
+
+
+def _outputs(out: Path, moving_label: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(warped label map, Jacobian determinant)`` of a finished registration: the ones the tool wrote, or for a
+    peer's ``displacement.nii.gz`` (:mod:`custom.peer_run`) ``moving_label`` ``(1, *S)`` warped by it (nearest) and
+    its determinant, both computed here as for every peer."""
+    field = out / "displacement.nii.gz"
+    if field.is_file():
+        image = nib.load(field)
+        ddf = torch.from_numpy(np.asarray(image.dataobj, dtype=np.float32)).permute(3, 0, 1, 2)[None]
+        warped = SpatialTransformer("nearest")(moving_label[None].float(), ddf)[0, 0]
+        return warped, jacobian_determinant(ddf)[0]
     found = {
         key: sorted(out.glob(f"*{suffix}"))
         for key, suffix in (("label", "warped_label.nii.gz"), ("det", "jacobian.nii.gz"))
     }
-    warped, det = (_load(nib.load(found[key][0])) for key in ("label", "det"))
-    shutil.rmtree(out)
-    timing = {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_gib": usage.ru_maxrss / 2**20}
-    return pair_row(item, warped.round().long(), det, **timing)
+    return tuple(_load(nib.load(found[key][0])) for key in ("label", "det"))
 
 
 def _load(image: nib.Nifti1Image) -> torch.Tensor:
@@ -213,9 +234,14 @@ def targets(summary: Dict[str, dict], per_pair: Dict[str, List[dict]]) -> List[s
 
 
 def _rows(
-    peers: Sequence[str], seed: int, ours: Sequence[str] = tuple(ROW_KEYS), model_path: Optional[str] = None
+    peers: Sequence[str],
+    seed: int,
+    ours: Sequence[str] = tuple(ROW_KEYS),
+    model_path: Optional[str] = None,
+    peer_envs: str = ".peers",
 ) -> Dict[str, Optional[tuple]]:
-    """The methods: name -> (kind, options), None for no registration.
+    """The methods: name -> (kind, options), None for no registration; the peer tools' rows (:data:`PEER_ROWS`)
+    with the Python of their environments under ``peer_envs``, skipped with the reason when one is absent.
 
     Raises:
         ValueError: for an unknown short name in ``ours``.
@@ -231,7 +257,25 @@ def _rows(
             rows[ANTS_ROW] = ("ants", ["SyN", str(seed)])
         else:
             print('ANTs row skipped: antspyx is not installed (pip install -e ".[peers]")', flush=True)
+    for tool in (t for t in PEER_TOOLS if t in peers):
+        python, why = peer_python(peer_envs, tool)
+        if python is None:
+            print(f"{tool} rows skipped: {why}", flush=True)
+            continue
+        for name, (row_tool, settings) in PEER_ROWS.items():
+            if row_tool == tool:
+                rows[name] = ("peer", [str(python), tool, json.dumps(settings)])
     return rows
+
+
+def _section_rows(rows: Dict[str, Optional[tuple]], section: str) -> Dict[str, Optional[tuple]]:
+    """The rows of one section: the peer tools' (one grid only) in the aligned section alone."""
+    if section == ALIGNED:
+        return rows
+    peers = [name for name, method in rows.items() if method and method[0] == "peer"]
+    if peers:
+        print(f"  not run in this section (they take images on one grid): {', '.join(peers)}", flush=True)
+    return {name: method for name, method in rows.items() if name not in peers}
 
 
 def run_subject_pairs(
@@ -245,15 +289,18 @@ def run_subject_pairs(
     subjects: Sequence[str] = (),
     ours: Sequence[str] = tuple(ROW_KEYS),
     model_path: Optional[str] = None,
+    peer_envs: str = ".peers",
 ) -> Dict[str, dict]:
     """Register the pairs of every section (:func:`find_subject_pairs` of ``subjects``) with every method, one
-    process each: our rows ``ours`` (short names, :data:`ROW_KEYS`) with ``model_path`` (default the shipped model).
+    process each: our rows ``ours`` (short names, :data:`ROW_KEYS`) with ``model_path`` (default the shipped model),
+    ANTs SyN and the peer tools in ``peers`` (their environments under ``peer_envs``; they take images on one grid,
+    so they run in the aligned section only).
 
     Returns:
         Section name -> ``{"summary": method -> summary, "pairs": method -> rows}``; empty when ``root``'s subjects
         give no pair.
     """
-    rows = _rows(peers, seed, ours, model_path)
+    rows = _rows(peers, seed, ours, model_path, peer_envs)
     sections = find_subject_pairs(root, count, label, subjects)
     if not sections:
         print(f"no real subject pairs: {root} has fewer than 2 subjects with aligned_norm and a label map", flush=True)
@@ -266,7 +313,7 @@ def run_subject_pairs(
         if seen:
             print(f"  note: not held out from the shipped 3D model's training: {', '.join(seen)}", flush=True)
         items, per_pair, summaries = [_labels(pair) for pair in pairs], {}, {}
-        for name, method in rows.items():
+        for name, method in _section_rows(rows, section).items():
             per_pair[name] = [
                 _run(*method, pair, item, work, threads) if method else pair_row(item)
                 for pair, item in zip(pairs, items)

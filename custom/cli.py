@@ -1,5 +1,5 @@
 """``python -m custom <command>`` (or ``vxm-lite <command>``): register, apply, plot, evaluate,
-benchmark, make-demo, export-bundle, study, accuracy, pretrain, scale.
+benchmark, make-demo, export-bundle, study, accuracy, pretrain, scale, peer-envs.
 
 Each command runs the same code as the bundle (its configs or the functions they call). Bad arguments and bad
 input stop with one ``error:`` line and exit code 2.
@@ -17,6 +17,7 @@ import fire
 from custom.accuracy import run_accuracy
 from custom.benchmark import benchmark
 from custom.errors import INTERRUPTED, as_bool, closest, exit_on_user_error
+from custom.peers import make_peer_envs
 from custom.pretrain import pretrain
 from custom.runner import bundle_dir, check_checkpoint, run_workflow
 from custom.scale import run_scale
@@ -309,6 +310,7 @@ class Commands:
     accuracy = staticmethod(run_accuracy)
     pretrain = staticmethod(pretrain)
     scale = staticmethod(run_scale)
+    peer_envs = staticmethod(make_peer_envs)
 
 
 def _commands() -> Dict[str, Callable]:

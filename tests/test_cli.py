@@ -191,6 +191,7 @@ def test_documented_cli_commands_run(ws, group):
         extra += " --subject_pairs 0" if " accuracy --spatial_dims 3" in cmd else ""  # run by test_accuracy_3d_...
         extra += " --threads 1" if " benchmark" in cmd or " accuracy" in cmd else ""  # beside the other xdist worker
         extra += f" --bundle_root {_bundle_copy(ws)} --max_steps 2 --minutes 2" if " pretrain " in cmd else ""
+        extra += f" --env_dir {REPO / '.peers'}" if " peer_envs" in cmd else ""  # made by .ci/run, kept if current
         cli(cmd.replace("python -m custom ", "").replace("../shared/data/oasis_labelled", "data/demo") + extra, ws)
 
 
@@ -260,7 +261,7 @@ BOOLEAN_WORDS = [("false", "False"), ("No", "False"), ("0", "False"), ("TRUE", "
 
 def test_every_command_has_its_booleans_found():
     assert ("register", "overwrite") in BOOLEAN_OPTIONS and ("export-bundle", "overwrite") in BOOLEAN_OPTIONS
-    commands = {"register", "evaluate", "apply", "export-bundle", "accuracy", "pretrain", "scale"}
+    commands = {"register", "evaluate", "apply", "export-bundle", "accuracy", "pretrain", "scale", "peer-envs"}
     assert {c for c, _ in BOOLEAN_OPTIONS} == commands
 
 

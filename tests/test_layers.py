@@ -51,6 +51,8 @@ LAYERS = {
         "custom.accuracy_subjects",
         "custom.benchmark",
         "custom.export",
+        "custom.peer_run",
+        "custom.peers",
         "custom.pretrain",
         "custom.scale",
         "custom.study",
