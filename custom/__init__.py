@@ -4,7 +4,7 @@ from custom.losses import GradLoss, LocalNCCLoss, MSELoss
 from custom.networks import VARIANTS, RegistrationNet, VxmDense, count_parameters
 from custom.warp import SpatialTransformer, VelocityIntegration
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 __all__ = [
     "VARIANTS",
     "GradLoss",
